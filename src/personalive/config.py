@@ -1,0 +1,221 @@
+"""Typed configuration: dataclass schemas here, values in YAML, overrides as `key=value` on the command line.
+
+Merge order: schema defaults < the inference config file it names (official `inference_stage3.yaml` layout) <
+the prompt YAML < command-line overrides. Unknown keys and wrong types are errors (OmegaConf struct mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from personalive.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds configs/ in a source checkout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# PersonaLive-specific networks (sizes from YAML, defaults = official)
+
+
+@dataclass
+class MotionExtractorConfig:
+    """LivePortrait motion extractor: ConvNeXt-V2 backbone with keypoint and head-pose heads."""
+
+    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])  # ConvNeXt-V2 tiny
+    dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    num_kp: int = 21  # implicit 3D keypoints
+    num_bins: int = 66  # head-pose bins of 3 degrees over [-97.5, 97.5]
+    input_size: int = 256  # frames are resized to this square, values in [0, 1]
+
+
+@dataclass
+class MotionEncoderConfig:
+    """FAN-based implicit motion encoder: face crop -> num_tokens motion tokens of token_dim features."""
+
+    image_size: int = 224  # face crop side
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # stem, conv2/conv3, conv4 and hourglass
+    hourglass_depth: int = 4
+    num_landmarks: int = 68  # width of the FAN heat-map layer
+    attention_dim: int = 1024  # inner width of the three spatial transformers
+    attention_heads: int = 8
+    norm_num_groups: int = 32
+    num_tokens: int = 32
+    token_dim: int = 16
+
+
+@dataclass
+class PoseGuiderConfig:
+    """Keypoint canvas -> features added to the denoising UNet's conv_in output."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    out_channels: int = 320  # must equal the denoising UNet's block_out_channels[0]
+
+
+@dataclass
+class ModelConfig:
+    motion_extractor: MotionExtractorConfig = field(default_factory=MotionExtractorConfig)
+    motion_encoder: MotionEncoderConfig = field(default_factory=MotionEncoderConfig)
+    pose_guider: PoseGuiderConfig = field(default_factory=PoseGuiderConfig)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Official inference config (`configs/inference/inference_stage3.yaml`), same key names
+
+
+@dataclass
+class ModuleKwargs:
+    """Settings of the motion modules (cross-attention to motion tokens) or temporal modules (self-attention)."""
+
+    num_attention_heads: int = 8
+    num_transformer_block: int = 1
+    cross_attention_dim: Optional[int] = None
+    attention_block_types: list[str] = field(default_factory=lambda: ["Temporal_Self", "Temporal_Self"])
+    temporal_position_encoding: bool = False
+    temporal_position_encoding_max_len: int = 32
+    temporal_attention_dim_div: int = 1
+
+
+@dataclass
+class UNetAdditionalKwargs:
+    use_inflated_groupnorm: bool = True
+    unet_use_cross_frame_attention: bool = False
+    unet_use_temporal_attention: bool = False
+    use_motion_module: bool = True
+    motion_module_resolutions: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    motion_module_mid_block: bool = True
+    motion_module_decoder_only: bool = False
+    motion_module_type: str = "Vanilla"
+    motion_module_kwargs: ModuleKwargs = field(
+        default_factory=lambda: ModuleKwargs(
+            cross_attention_dim=16, attention_block_types=["Spatial_Cross", "Spatial_Cross"]
+        )
+    )
+    use_temporal_module: bool = True
+    temporal_module_type: str = "Vanilla"
+    temporal_module_kwargs: ModuleKwargs = field(
+        default_factory=lambda: ModuleKwargs(temporal_position_encoding=True)
+    )
+
+
+@dataclass
+class SchedulerKwargs:
+    """DDIM scheduler settings (diffusers names). Official: beta_end 0.02, not SD's 0.012."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.02
+    beta_schedule: str = "scaled_linear"
+    clip_sample: bool = False
+    steps_offset: int = 1
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "trailing"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The run config (`configs/prompts/*.yaml`)
+
+
+@dataclass
+class PersonaLiveConfig:
+    weights_dir: str = "pretrained_weights"  # official layout, see pretrained_weights/README.md
+    inference_config: str = "configs/inference/inference_stage3.yaml"
+    unet_additional_kwargs: UNetAdditionalKwargs = field(default_factory=UNetAdditionalKwargs)
+    noise_scheduler_kwargs: SchedulerKwargs = field(default_factory=SchedulerKwargs)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    sampler: str = "DDIM"
+    batch_size: int = 1
+    height: int = 512  # driving and output frames
+    width: int = 512
+    reference_image_height: int = 512
+    reference_image_width: int = 512
+    temporal_adaptive_step: int = 4  # micro-chunks in the window, each at its own noise level
+    temporal_window_size: int = 4  # frames per micro-chunk
+    num_inference_steps: int = 4  # DDIM steps: timesteps [999, 666, 333, 0]
+    dtype: str = "fp16"  # fp16 | bf16 | fp32; fp16 falls back to fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    attention: str = "sdpa"  # sdpa | xformers
+    seed: int = 42  # seeds the engine's noise generator (and nothing global)
+    fps: float = 16.0  # default driving frame rate of the web page
+    keyframe_threshold: float = 17.0  # official: L2 distance over one frame's 32x16 motion tokens
+    keyframe_start_step: int = 9  # official: the test runs once more than 8 steps have been taken
+    max_keyframes: int = 3  # official online cap on historical keyframes
+
+    def __post_init__(self) -> None:
+        check = {
+            "sampler": (self.sampler, {"DDIM"}),
+            "dtype": (self.dtype, {"fp16", "bf16", "fp32"}),
+            "attention": (self.attention, {"sdpa", "xformers"}),
+        }
+        for key, (value, allowed) in check.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not supported; use one of {sorted(allowed)}")
+        if self.batch_size != 1:
+            raise ConfigError(f"batch_size={self.batch_size}: the streaming engine serves one stream; use 1")
+        for key in ("height", "width", "reference_image_height", "reference_image_width"):
+            if getattr(self, key) % 8:
+                raise ConfigError(f"{key}={getattr(self, key)} must be a multiple of 8 (VAE downsampling)")
+        if self.num_inference_steps != self.temporal_adaptive_step:
+            raise ConfigError(
+                f"num_inference_steps={self.num_inference_steps} must equal temporal_adaptive_step="
+                f"{self.temporal_adaptive_step}: each micro-chunk sits at one of the denoising steps"
+            )
+        kwargs = self.unet_additional_kwargs
+        if kwargs.unet_use_cross_frame_attention or kwargs.unet_use_temporal_attention:
+            raise ConfigError("unet_use_cross_frame_attention/unet_use_temporal_attention are not supported; set false")
+        if not kwargs.use_inflated_groupnorm:
+            raise ConfigError("use_inflated_groupnorm=false is not supported: group norms run per frame")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    @property
+    def step_length(self) -> int:
+        """Official: 333, so that 4 steps visit timesteps 999, 666, 333, 0."""
+        return 999 // max(self.num_inference_steps - 1, 1)
+
+    @property
+    def timesteps(self) -> list[int]:
+        """DDIM timesteps, noisiest first: [999, 666, 333, 0] for 4 steps."""
+        return [999 - i * self.step_length for i in range(self.num_inference_steps)]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory, else from the project root."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schema: type = PersonaLiveConfig) -> Any:
+    """Build a typed config: defaults < inference config < YAML at `path` < `key=value` overrides."""
+    try:
+        base = OmegaConf.structured(schema)
+        layers = [base]
+        user = OmegaConf.load(resolve_path(path)) if path else OmegaConf.create()
+        cli = OmegaConf.from_dotlist(list(overrides))
+        inference_path = OmegaConf.select(cli, "inference_config") or OmegaConf.select(user, "inference_config")
+        if inference_path is None and hasattr(schema, "inference_config"):
+            inference_path = base.inference_config
+        if inference_path:
+            file = resolve_path(inference_path)
+            if not file.exists():
+                raise ConfigError(f"inference config {inference_path} not found; pass inference_config=<file>")
+            layers.append(OmegaConf.load(file))
+        merged = OmegaConf.merge(*layers, user, cli)
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found") from e
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"bad config ({path or 'defaults'}): {first}") from e
