@@ -1,0 +1,174 @@
+"""Weight files: where they live in the official layout, reading them safely, writing them atomically.
+
+A `.pth`/`.bin` is read with `torch.load(weights_only=True)`, so a pickle that would run code is refused;
+`.safetensors` is accepted wherever a `.pth`/`.bin` is. Key names are converted here where the official files
+differ from our modules (see `from_official`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from personalive.errors import CheckpointError, WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+_PTH = (".safetensors", ".pth", ".bin")
+# logical name -> accepted files under weights_dir, preferred first (official download layout)
+WEIGHT_FILES: dict[str, tuple[str, ...]] = {
+    **{name: tuple(f"personalive/{name}{ext}" for ext in _PTH) for name in (
+        "denoising_unet", "temporal_module", "reference_unet", "pose_guider", "motion_encoder", "motion_extractor")},
+    "vae": ("sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "sd-vae-ft-mse/diffusion_pytorch_model.bin"),
+    "image_encoder": ("sd-image-variations-diffusers/image_encoder/model.safetensors",
+                      "sd-image-variations-diffusers/image_encoder/pytorch_model.bin"),
+    # the SD UNet: only its config is needed for inference; its weights initialise training
+    "base_unet": ("sd-image-variations-diffusers/unet/diffusion_pytorch_model.safetensors",
+                  "sd-image-variations-diffusers/unet/diffusion_pytorch_model.bin"),
+}
+CONFIG_FILES: dict[str, str] = {
+    "unet": "sd-image-variations-diffusers/unet/config.json",
+    "vae": "sd-vae-ft-mse/config.json",
+    "image_encoder": "sd-image-variations-diffusers/image_encoder/config.json",
+}
+FETCH_HINT = ("run `python tools/download_weights.py --out {dir}` (real weights) or "
+              "`python tools/make_random_weights.py --out {dir}` (random, for tests), or set weights_dir=<folder>")
+
+
+def find_weight_file(weights_dir: str | Path, name: str) -> Path:
+    """The file holding weights `name` under `weights_dir`; WeightsNotFoundError names it and how to get it."""
+    weights_dir = Path(weights_dir)
+    for rel in WEIGHT_FILES[name]:
+        if (weights_dir / rel).is_file():
+            return weights_dir / rel
+    raise WeightsNotFoundError(f"{weights_dir / WEIGHT_FILES[name][-1]} not found; {FETCH_HINT.format(dir=weights_dir)}")
+
+
+def read_config(weights_dir: str | Path, name: str) -> dict:
+    """A diffusers/transformers `config.json` from the layout, as a dict."""
+    path = Path(weights_dir) / CONFIG_FILES[name]
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path} not found; {FETCH_HINT.format(dir=weights_dir)}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from e
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict on the CPU without running code: safetensors, or a weights-only torch pickle."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) serialisation cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load, the file would run code when unpickled "
+                              "(not a plain state dict); get the file from its official source") from e
+    except (RuntimeError, EOFError, OSError, SafetensorError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated weights file ({str(e).splitlines()[0][:120]}); "
+                              "re-download it") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def read_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Key -> shape of a weights file, reading as little as the format allows."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: corrupt or truncated weights file ({e}); re-download it") from e
+    return {k: list(v.shape) for k, v in load_state_dict(path).items()}
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write `.safetensors` or a torch pickle (by suffix) through a temp file renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        if path.suffix == ".safetensors":
+            save_file(state, tmp)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Key conversion between the official files and our modules
+
+_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_DROPPED = {
+    "motion_extractor": ("idx_tensor",),  # a constant arange; ours is a non-persistent buffer
+    "image_encoder": ("vision_model.embeddings.position_ids",),  # stored by old transformers versions
+}
+
+
+def from_official(name: str, state: dict) -> dict:
+    """Official/hub key names -> ours (renames legacy VAE attention keys, drops constant buffers).
+
+    Values are tensors, or shapes (lists of ints) when only checking a file."""
+    state = {k: v for k, v in state.items() if k not in _DROPPED.get(name, ())}
+    if name == "vae":
+        out = {}
+        for key, value in state.items():
+            prefix, _, leaf = key.rpartition(".")
+            module_prefix, _, layer = prefix.rpartition(".")
+            if "mid_block.attentions" in key and layer in _LEGACY_VAE_ATTENTION:
+                key = f"{module_prefix}.{_LEGACY_VAE_ATTENTION[layer]}.{leaf}"
+                if len(value.shape if isinstance(value, torch.Tensor) else value) == 4:  # 1x1 conv, oldest files
+                    value = value[:, :, 0, 0] if isinstance(value, torch.Tensor) else value[:2]
+            out[key] = value
+        state = out
+    return state
+
+
+def check_keys(name: str, state: dict[str, list[int]] | dict[str, torch.Tensor], expected: dict[str, list[int]],
+               path: str | Path) -> list[str]:
+    """Problems (missing, unexpected, wrong shape) of `state` against `expected` shapes, one line each."""
+    shapes = {k: list(v.shape) if isinstance(v, torch.Tensor) else list(v) for k, v in state.items()}
+    problems = []
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing:
+        problems.append(f"{path}: {len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    for k in wrong[:3]:
+        problems.append(f"{path}: {k} has shape {shapes[k]}, expected {expected[k]}")
+    if len(wrong) > 3:
+        problems.append(f"{path}: {len(wrong) - 3} more keys with wrong shapes")
+    return problems
