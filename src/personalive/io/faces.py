@@ -1,0 +1,148 @@
+"""Face crops for the motion encoder, made the way the official offline script makes them.
+
+MediaPipe FaceMesh (static image mode, one face) finds 468 landmarks; their bounding box, grown to a square of side
+1.1 x its longer side around its centre and clipped to the image, is the face box. The crop is resized with
+diffusers' `VaeImageProcessor` (PIL Lanczos, then x / 255 * 2 - 1), as the official pipeline does at 224 x 224.
+
+mediapipe is optional: without it `FaceCropper` refuses to start and callers use keypoint boxes; `crop_face`
+works either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from personalive.errors import BackendUnavailableError, NoFaceError
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]  # (x1, y1, x2, y2) in pixels; x2, y2 exclusive (numpy slice bounds)
+
+BOX_SCALE = 1.1  # official `scale_bb(face_box, scale=1.1, ...)`
+MIN_CROP = 8  # px; a smaller (degenerate) box is grown around its centre to this side
+CROP_SIZE = 224  # motion encoder input side (`MotionEncoderConfig.image_size`)
+MEDIAPIPE_PIN = "mediapipe==0.10.21"  # the newest release that still ships `mediapipe.solutions.face_mesh`
+
+# vae_scale_factor=1 so that any `size` is kept (the default rounds sizes down to multiples of 8; 224 is one)
+_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True, do_convert_rgb=True)
+
+
+def mediapipe_available() -> bool:
+    """Whether mediapipe is installed (checked without importing it)."""
+    return importlib.util.find_spec("mediapipe") is not None
+
+
+class FaceCropper:
+    """Face boxes from MediaPipe FaceMesh, one frame at a time. Not thread-safe: use one per thread.
+
+    Example:
+        with FaceCropper() as cropper:
+            box = cropper.box(frame)
+            face = cropper.crop(frame, box, 224) if box is not None else None
+
+    Raises:
+        BackendUnavailableError: mediapipe is missing, or too new to have `solutions.face_mesh`.
+    """
+
+    def __init__(self, scale: float = BOX_SCALE, min_detection_confidence: float = 0.5):
+        if not mediapipe_available():
+            raise BackendUnavailableError(
+                f"mediapipe is not installed; run `pip install {MEDIAPIPE_PIN}` or use keypoint face boxes"
+            )
+        import mediapipe  # slow to import, so only when asked for
+
+        face_mesh = getattr(getattr(mediapipe, "solutions", None), "face_mesh", None)
+        if face_mesh is None:
+            raise BackendUnavailableError(
+                f"mediapipe {getattr(mediapipe, '__version__', '?')} has no "
+                f"solutions.face_mesh; run `pip install {MEDIAPIPE_PIN}`"
+            )
+        self.scale = scale
+        self._mesh = face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, min_detection_confidence=min_detection_confidence
+        )
+
+    def box(self, frame: np.ndarray) -> Box | None:
+        """Square face box of a uint8 RGB frame (H, W, 3), or None if no face is found."""
+        _check_frame(frame)
+        h, w = frame.shape[:2]
+        result = self._mesh.process(np.ascontiguousarray(frame))
+        if not result.multi_face_landmarks:
+            return None
+        landmarks = result.multi_face_landmarks[0].landmark
+        xs = [int(p.x * w) for p in landmarks]  # official: int(l.x * w), int(l.y * h)
+        ys = [int(p.y * h) for p in landmarks]
+        return scale_box((min(xs), min(ys), max(xs), max(ys)), self.scale, h, w)
+
+    def box_or_raise(self, frame: np.ndarray, where: str) -> Box:
+        """`box`, but a frame without a face raises NoFaceError naming `where` (e.g. "frame 12 of drive.mp4")."""
+        box = self.box(frame)
+        if box is None:
+            raise NoFaceError(f"no face found in {where}; use a frontal, well-lit face that fills part of the frame")
+        return box
+
+    @staticmethod
+    def crop(frame: np.ndarray, box: Box, size: int = CROP_SIZE) -> torch.Tensor:
+        """`crop_face`; needs no mediapipe, so `FaceCropper.crop(frame, box, size)` works without an instance."""
+        return crop_face(frame, box, size)
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> FaceCropper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scale_box(box: tuple[float, float, float, float], scale: float, height: int, width: int) -> Box:
+    """Square of side `scale` x the longer side of `box`, same centre, clipped to the image (official `scale_bb`).
+
+    Like the official code, the right/bottom edges are clipped to width - 1 / height - 1, and the float corners are
+    truncated to ints when used as slice bounds.
+    """
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1) * scale
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = max(0.0, cx - side / 2), max(0.0, cy - side / 2)
+    right, bottom = min(width - 1.0, cx + side / 2), min(height - 1.0, cy + side / 2)
+    return int(left), int(top), int(right), int(bottom)
+
+
+def crop_face(frame: np.ndarray, box: Box, size: int = CROP_SIZE) -> torch.Tensor:
+    """Crop `box` from a uint8 RGB frame (H, W, 3) -> float32 tensor (3, size, size) in [-1, 1].
+
+    The box is clipped to the frame; a box smaller than MIN_CROP px (or empty, or inverted) is grown around its
+    centre, so any box gives a crop.
+    """
+    _check_frame(frame)
+    h, w = frame.shape[:2]
+    x1, x2 = _span(box[0], box[2], w)
+    y1, y2 = _span(box[1], box[3], h)
+    patch = Image.fromarray(np.ascontiguousarray(frame[y1:y2, x1:x2]))
+    return _processor.preprocess(patch, height=size, width=size)[0]  # (3, size, size)
+
+
+def _span(start: float, end: float, length: int) -> tuple[int, int]:
+    """Integer [start, end) inside [0, length), at least min(MIN_CROP, length) long."""
+    start, end = sorted((int(start), int(end)))
+    start, end = min(max(start, 0), length), min(max(end, 0), length)
+    need = min(MIN_CROP, length)
+    if end - start < need:
+        centre = (start + end) // 2
+        start = min(max(centre - need // 2, 0), length - need)
+        end = start + need
+    return start, end
+
+
+def _check_frame(frame: np.ndarray) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        shape = getattr(frame, "shape", None)
+        raise ValueError(f"expected a uint8 RGB array (H, W, 3), got {type(frame).__name__} {shape}")

@@ -1,0 +1,125 @@
+"""Still images: reading a reference portrait, and converting frames between uint8 arrays and model tensors.
+
+Every image leaves `load_image` as an 8-bit RGB `PIL.Image`, whatever the file held: EXIF orientation is applied,
+transparency is composited on white, grey/palette/CMYK become RGB, and 16-bit samples are scaled (not clipped) to
+8 bits. Frames travel as uint8 `(n, H, W, 3)` arrays; models take float32 `(n, 3, H, W)` tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from personalive.errors import ImageReadError
+
+logger = logging.getLogger(__name__)
+
+MAX_SIDE = 4096  # larger images are downscaled on load; the models work at 512 px
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
+    """Read an image file as 8-bit RGB, upright (EXIF orientation applied), at most `max_side` px on its long side.
+
+    Raises:
+        ImageReadError: the file is missing or is not an image Pillow can decode.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path} not found")
+    if not path.is_file():
+        raise ImageReadError(f"{path} is not a readable image (it is a directory)")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here rather than later
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb8(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"{path} is not a readable image ({e})") from e
+
+    if max(image.size) > max_side:
+        w, h = image.size
+        scale = max_side / max(w, h)
+        new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        logger.warning("%s is %dx%d; downscaled to %dx%d (max side %d px)", path, w, h, *new_size, max_side)
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit "RGB"."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode in _16BIT_MODES or mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), mode), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # "1", "L", "P", "CMYK", "YCbCr", "LAB", "HSV"
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel samples of more than 8 bits -> uint8 by scaling their range onto [0, 255]."""
+    values = values.astype(np.float64)
+    if mode in _16BIT_MODES or (mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        low, high = 0.0, 65535.0  # 16-bit samples (Pillow opens some 16-bit files as "I")
+    elif mode == "F" and values.min() >= 0 and values.max() <= 1:
+        low, high = 0.0, 1.0  # float images in [0, 1]
+    else:
+        low, high = float(values.min()), float(values.max())  # anything else: stretch its own range
+    scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (n, H, W, 3) in [0, 255] -> float32 tensor (n, 3, H, W) in [-1, 1] (official: x / 255 * 2 - 1)."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 array (n, H, W, 3), got {_describe(frames)}")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (n, 3, H, W)
+    return x / 255.0 * 2.0 - 1.0
+
+
+def to_uint8(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float frames (n, H, W, 3) in [0, 1] -> uint8 array, truncating like the official `(x * 255).astype(uint8)`.
+
+    Values outside [0, 1] are clipped first (the official pipeline clamps its output before this step).
+    """
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().to("cpu", torch.float32).numpy()
+    if not isinstance(frames, np.ndarray) or not np.issubdtype(frames.dtype, np.floating):
+        raise ValueError(f"expected a float array (n, H, W, 3) in [0, 1], got {_describe(frames)}")
+    return (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (height, width, 3): centre-crop to the target aspect ratio, then Lanczos resize.
+
+    Returns `frame` itself when it already has the target size.
+    """
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 array (H, W, 3), got {_describe(frame)}")
+    if frame.shape[:2] == (height, width):
+        return frame
+    h, w = frame.shape[:2]
+    if w * height > h * width:  # too wide: keep the middle columns
+        keep = max(1, round(h * width / height))
+        frame = frame[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    else:  # too tall (or same aspect): keep the middle rows
+        keep = max(1, round(w * height / width))
+        frame = frame[(h - keep) // 2 : (h - keep) // 2 + keep]
+    resized = Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), Image.Resampling.LANCZOS)
+    return np.array(resized)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
