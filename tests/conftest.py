@@ -27,3 +27,35 @@ def official_keys(name: str) -> dict[str, list[int]]:
 
 def state_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    """Run `tools/<name>.py`'s main() in-process (same code as the command line, without the import cost)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A tiny random weights folder in the official layout, written by tools/make_random_weights.py."""
+    out = tmp_path_factory.mktemp("weights") / "tiny"
+    assert run_tool("make_random_weights", ["--size", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_weights):
+    from personalive.config import load_config
+
+    return load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={tiny_weights}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_cfg):
+    from personalive.weights import load_models
+
+    return load_models(tiny_cfg)

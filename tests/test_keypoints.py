@@ -190,15 +190,16 @@ def test_crop_faces_ordinary_box_is_the_official_slice_and_resize():
 @pytest.mark.parametrize(
     ("box", "grown"),
     [
-        ((10, 10, 10, 40), (8, 10, 12, 40)),  # x2 <= x1: grown to 64 // 16 = 4 px around x = 10
+        ((10, 10, 10, 40), (8, 10, 12, 40)),  # x2 <= x1: grown to min_side = 4 px around x = 10
         ((30, 20, 25, 21), (25, 18, 29, 22)),  # inverted and 1 px tall
         ((63, 0, 63, 0), (60, 0, 64, 4)),  # empty, at the corner: kept inside the frame
     ],
 )
 def test_crop_faces_degenerate_box_is_grown(box, grown):
     frames = torch.rand(1, 3, 64, 64) * 2 - 1
-    out = kp.crop_faces(frames, torch.tensor([box]), size=16)
+    out = kp.crop_faces(frames, torch.tensor([box]), size=16, min_side=4)
     x1, y1, x2, y2 = grown
     expected = F.interpolate(frames[:, :, y1:y2, x1:x2], size=(16, 16), mode="bilinear", align_corners=False)
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
     assert torch.equal(out, expected)
+    assert kp.crop_faces(frames, torch.tensor([box]), size=16).shape == (1, 3, 16, 16)  # default minimum

@@ -191,7 +191,7 @@ def crop_faces(
 ) -> torch.Tensor:
     """Crop each frame to its box and resize (bilinear, align_corners=False, no antialias), as official.
 
-    Unlike the official code, a box narrower or shorter than `min_side` px (default max(2, min(H, W) // 16)), or
+    Unlike the official code, a box narrower or shorter than `min_side` px (default max(2, min(H, W) // 64)), or
     empty, is grown around its centre to that size inside the frame, so a degenerate box still gives a crop.
     frames: (n, c, H, W) in [-1, 1]; boxes: (n, 4) int (x1, y1, x2, y2) in the frames' pixels -> (n, c, size, size).
     """
@@ -200,7 +200,7 @@ def crop_faces(
             f"expected (n, c, H, W) frames and (n, 4) boxes, got {tuple(frames.shape)}, {tuple(boxes.shape)}"
         )
     height, width = frames.shape[-2:]
-    min_side = min(min_side or max(2, min(height, width) // 16), height, width)
+    min_side = min(min_side or max(2, min(height, width) // 64), height, width)
     crops = []
     for frame, (x1, y1, x2, y2) in zip(frames, boxes.tolist(), strict=True):
         (x1, x2), (y1, y2) = _span(x1, x2, width, min_side), _span(y1, y2, height, min_side)

@@ -23,7 +23,7 @@ from personalive.errors import CheckpointError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 
-_PTH = (".safetensors", ".pth", ".bin")
+_PTH = (".safetensors", ".bin", ".pth")  # the last one is the official name
 # logical name -> accepted files under weights_dir, preferred first (official download layout)
 WEIGHT_FILES: dict[str, tuple[str, ...]] = {
     **{name: tuple(f"personalive/{name}{ext}" for ext in _PTH) for name in (

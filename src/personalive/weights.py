@@ -1,0 +1,214 @@
+"""All of PersonaLive's networks: built from config, loaded from and saved to the official weights layout.
+
+Sizes of the reference UNet, denoising UNet, VAE and CLIP encoder come from the `config.json` files in the
+weights folder (as `from_pretrained` would read them); the denoising UNet inflates the SD UNet config with the
+motion/temporal settings of the inference config; the PersonaLive-specific networks take their sizes from
+`cfg.model`. Every official file must load with no missing and no unexpected keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from omegaconf import OmegaConf
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from personalive.config import PersonaLiveConfig, resolve_path
+from personalive.errors import CheckpointError, ConfigError, PersonaLiveError
+from personalive.io.checkpoints import (
+    CONFIG_FILES,
+    WEIGHT_FILES,
+    check_keys,
+    find_weight_file,
+    from_official,
+    load_state_dict,
+    read_config,
+    read_shapes,
+    save_state_dict,
+    write_json,
+)
+from personalive.models import cast_model
+from personalive.models.denoising_unet import DenoisingUNet
+from personalive.models.motion_encoder import MotionEncoder
+from personalive.models.motion_extractor import MotionExtractor
+from personalive.models.pose_guider import PoseGuider
+from personalive.models.reference_unet import reference_unet_from_config
+
+logger = logging.getLogger(__name__)
+
+# official file -> (network, which of its keys the file holds)
+OFFICIAL_FILES: dict[str, tuple[str, str]] = {
+    "denoising_unet": ("denoising_unet", "not temporal"),  # the 2-D UNet and the motion modules
+    "temporal_module": ("denoising_unet", "temporal"),  # every key under `temporal_modules`
+    "reference_unet": ("reference_unet", "all"),
+    "pose_guider": ("pose_guider", "all"),
+    "motion_encoder": ("motion_encoder", "all"),
+    "motion_extractor": ("motion_extractor", "all"),
+    "vae": ("vae", "all"),
+    "image_encoder": ("image_encoder", "all"),
+}
+
+
+@dataclass
+class PersonaLiveModels:
+    reference_unet: UNet2DConditionModel
+    denoising_unet: DenoisingUNet
+    pose_guider: PoseGuider
+    motion_encoder: MotionEncoder
+    motion_extractor: MotionExtractor
+    vae: AutoencoderKL
+    image_encoder: CLIPVisionModelWithProjection
+
+    def items(self):
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> PersonaLiveModels:
+        for _, model in self.items():
+            cast_model(model, device, dtype)
+        return self
+
+    def eval(self) -> PersonaLiveModels:
+        for _, model in self.items():
+            model.eval().requires_grad_(False)
+        return self
+
+
+def network_configs(weights_dir: str | Path) -> dict[str, dict]:
+    """The `config.json` of the SD UNet, the VAE and the CLIP image encoder in `weights_dir`."""
+    return {name: read_config(weights_dir, name) for name in CONFIG_FILES}
+
+
+def build_models(cfg: PersonaLiveConfig, configs: dict[str, dict]) -> PersonaLiveModels:
+    """Instantiate every network (random init; wrap in `init_empty_weights()` or a meta device to skip it)."""
+    unet, model = configs["unet"], cfg.model
+    extra = OmegaConf.to_container(OmegaConf.structured(cfg.unet_additional_kwargs))
+    width = unet["block_out_channels"][0]
+    checks = [
+        (model.pose_guider.out_channels == width, f"model.pose_guider.out_channels={model.pose_guider.out_channels} "
+         f"must equal the UNet's block_out_channels[0]={width}"),
+        (configs["image_encoder"].get("projection_dim") == unet["cross_attention_dim"],
+         f"CLIP projection_dim={configs['image_encoder'].get('projection_dim')} must equal the UNet's "
+         f"cross_attention_dim={unet['cross_attention_dim']}"),
+        (extra["motion_module_kwargs"]["cross_attention_dim"] == model.motion_encoder.token_dim,
+         f"motion_module_kwargs.cross_attention_dim={extra['motion_module_kwargs']['cross_attention_dim']} must "
+         f"equal model.motion_encoder.token_dim={model.motion_encoder.token_dim}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return PersonaLiveModels(
+        reference_unet=reference_unet_from_config(unet),
+        denoising_unet=DenoisingUNet.from_unet2d_config(unet, extra),
+        pose_guider=PoseGuider(**dataclasses.asdict(model.pose_guider)),
+        motion_encoder=MotionEncoder(**dataclasses.asdict(model.motion_encoder)),
+        motion_extractor=MotionExtractor(**dataclasses.asdict(model.motion_extractor)),
+        vae=AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if not k.startswith("_")}),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(configs["image_encoder"])),
+    )
+
+
+def _select(state: dict, which: str) -> dict:
+    if which == "all":
+        return dict(state)
+    temporal = which == "temporal"
+    return {k: v for k, v in state.items() if (".temporal_modules." in k) == temporal}
+
+
+def expected_shapes(models: PersonaLiveModels) -> dict[str, dict[str, list[int]]]:
+    """Official file -> key -> shape, from the built networks."""
+    return {file: {k: list(v.shape) for k, v in _select(getattr(models, net).state_dict(), which).items()}
+            for file, (net, which) in OFFICIAL_FILES.items()}
+
+
+def load_models(cfg: PersonaLiveConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> PersonaLiveModels:
+    """Build every network from the configs in `cfg.weights_dir` and load its official weights (strictly)."""
+    weights_dir = resolve_path(cfg.weights_dir)
+    configs = network_configs(weights_dir)
+    paths = {file: find_weight_file(weights_dir, file) for file in OFFICIAL_FILES}  # all present before any work
+    with init_empty_weights():
+        models = build_models(cfg, configs)
+    expected = expected_shapes(models)
+    states: dict[str, dict] = {}
+    for file, (net, _) in OFFICIAL_FILES.items():
+        state = from_official(file, load_state_dict(paths[file]))
+        states.setdefault(net, {}).update(state)
+        logger.info("read %s: %d tensors", paths[file], len(state))
+    full = {net: {} for net in states}
+    for file, (net, _) in OFFICIAL_FILES.items():
+        full[net].update(expected[file])
+    for net, state in states.items():
+        files = [f for f, (n, _) in OFFICIAL_FILES.items() if n == net]
+        problems = check_keys(net, state, full[net], " + ".join(str(paths[f]) for f in files))
+        if problems:
+            raise CheckpointError(problems[0] + ("" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"))
+        getattr(models, net).load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                             strict=True, assign=True)
+    return models.to(device, dtype).eval()
+
+
+def check_weights(weights_dir: str | Path, cfg: PersonaLiveConfig) -> list[str]:
+    """Every problem of a weights folder (missing file, unreadable file, missing key, wrong shape), one line each."""
+    weights_dir = Path(weights_dir)
+    try:
+        configs = network_configs(weights_dir)
+        with torch.device("meta"):
+            models = build_models(cfg, configs)
+    except PersonaLiveError as e:
+        return [str(e)]
+    expected = expected_shapes(models)
+    problems, union = [], {}
+    for file, (net, _) in OFFICIAL_FILES.items():
+        try:
+            path = find_weight_file(weights_dir, file)
+            shapes = from_official(file, read_shapes(path))
+        except PersonaLiveError as e:
+            problems.append(str(e))
+            continue
+        union.setdefault(net, ({}, {}, []))
+        union[net][0].update(shapes)
+        union[net][1].update(expected[file])
+        union[net][2].append(str(path))
+    for net, (shapes, wanted, paths) in union.items():
+        problems += check_keys(net, shapes, wanted, " + ".join(paths))
+    return problems
+
+
+def official_state_dicts(models: PersonaLiveModels, dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """Official file -> state dict, e.g. to save training results in the layout inference loads."""
+    out = {}
+    for file, (net, which) in OFFICIAL_FILES.items():
+        state = _select(getattr(models, net).state_dict(), which)
+        out[file] = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+    return out
+
+
+def save_models(models: PersonaLiveModels, out_dir: str | Path, configs: dict[str, dict],
+                dtype: torch.dtype | None = None, files: tuple[str, ...] = tuple(OFFICIAL_FILES)) -> None:
+    """Write `files` (official names) and the network configs in the official layout under `out_dir`."""
+    out_dir = Path(out_dir)
+    for name, rel in CONFIG_FILES.items():
+        write_json(configs[name], out_dir / rel)
+    for file, state in official_state_dicts(models, dtype).items():
+        if file in files:
+            save_state_dict(state, out_dir / WEIGHT_FILES[file][-1])  # .pth/.bin, the official format
+
+
+def perturb_zero_init(models: PersonaLiveModels, std: float = 0.02) -> None:
+    """Give small random values to layers the models zero-initialise, so random weights exercise every path.
+
+    A zero PoseGuider output would make pose irrelevant; zero motion/temporal `proj_out` would make those modules
+    the identity; zero GRN gamma/beta would skip the ConvNeXt response normalisation.
+    """
+    names = ("conv_out_modify", "proj_out", "grn")
+    with torch.no_grad():
+        for _, model in models.items():
+            for name, param in model.named_parameters():
+                if any(f".{n}." in f".{name}" for n in names) and not param.any():
+                    param.normal_(0.0, std)

@@ -1,0 +1,121 @@
+"""The streaming engine on tiny random weights: shapes, determinism, noise order, keyframes, bounded state."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from personalive.pipelines.stream import StreamEngine
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (80, 72, 3), dtype=np.uint8))
+
+
+def driving(n_chunks: int, seed: int = 1, size: int = 64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(4, 3, size, size, generator=g) * 2 - 1 for _ in range(n_chunks)]
+
+
+def run(engine, reference, chunks):
+    engine.fuse_reference(reference)
+    return torch.cat([engine.step(c) for c in chunks])
+
+
+def test_shapes_range_and_determinism(tiny_models, tiny_cfg, reference):
+    chunks = driving(5)
+    a = run(StreamEngine(tiny_models, tiny_cfg), reference, chunks)
+    assert a.shape == (20, 64, 64, 3) and a.dtype == torch.float32
+    assert 0 <= a.min() and a.max() <= 1 and a.std() > 0
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    assert torch.equal(run(engine, reference, chunks), a)  # same seed, same frames: bit for bit
+    assert torch.equal(run(engine, reference, chunks), a)  # fuse_reference starts over, noise included
+    other = StreamEngine(tiny_models, tiny_cfg.__class__(**{**vars(tiny_cfg), "seed": 7}))
+    assert not torch.equal(run(other, reference, chunks), a)
+
+
+def test_noise_is_asked_in_frame_order(tiny_models, tiny_cfg, reference):
+    shapes = []
+
+    def noise_fn(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    run(StreamEngine(tiny_models, tiny_cfg, noise_fn=noise_fn), reference, driving(3))
+    assert shapes == [(1, 4, 12, 8, 8)] + [(1, 4, 4, 8, 8)] * 3
+
+
+def test_first_steps_return_the_ramp_then_follow_the_driver(tiny_models, tiny_cfg, reference):
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    assert engine.num_ramp_frames == 12
+    engine.fuse_reference(reference)
+    chunks = driving(4)
+    outs = [engine.step(c) for c in chunks]
+    # frames returned at step k come from the chunk given at step k - 3: changing the last chunk changes nothing yet
+    engine.fuse_reference(reference)
+    outs2 = [engine.step(c) for c in chunks[:3] + [chunks[3].flip(-1)]]
+    assert all(torch.equal(a, b) for a, b in zip(outs, outs2))
+
+
+def test_step_before_fuse_and_wrong_sizes_fail_clearly(tiny_models, tiny_cfg, reference):
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    with pytest.raises(RuntimeError, match="fuse_reference"):
+        engine.step(driving(1)[0])
+    engine.fuse_reference(reference)
+    with pytest.raises(ValueError, match="expected"):
+        engine.step(torch.zeros(4, 3, 32, 32))
+
+
+def test_keyframes_follow_the_threshold_and_the_cap(tiny_models, tiny_cfg, reference):
+    def keyframes(threshold):
+        cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "keyframe_threshold": threshold})
+        engine = StreamEngine(tiny_models, cfg)
+        engine.fuse_reference(reference)
+        counts = []
+        for chunk in driving(14):
+            engine.step(chunk)
+            counts.append(engine.bank.num_keyframes)
+        return counts, engine
+
+    counts, engine = keyframes(-1.0)  # every frame is "far": one keyframe per step from step 9, capped at 3
+    assert counts == [0] * 9 + [1, 2, 3, 3, 3]
+    assert engine.state.motion_bank.shape[0] == 1 + 3
+    counts, engine = keyframes(float("inf"))
+    assert counts == [0] * 14 and engine.state.motion_bank.shape[0] == 1
+
+
+def test_keyframe_test_uses_the_distance_to_the_bank(tiny_models, tiny_cfg, reference):
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    engine.fuse_reference(reference)
+    engine.state.steps = tiny_cfg.keyframe_start_step
+    engine.state.motion_bank = torch.zeros(2, 32 * 16)
+    engine.state.motion_bank[1, 0] = 100.0
+    near, far = torch.zeros(32, 16), torch.zeros(32, 16)
+    near[0, 0], far[0, 1] = 16.9, 17.1  # L2 distance to the nearest bank entry: 16.9 and 17.1
+    assert not engine._is_keyframe(near) and engine._is_keyframe(far)
+    engine.state.steps -= 1  # not before the start step
+    assert not engine._is_keyframe(far)
+
+
+def test_long_run_keeps_every_buffer_bounded(tiny_models, tiny_cfg, reference):
+    cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "keyframe_threshold": -1.0})
+    engine = StreamEngine(tiny_models, cfg)
+    engine.fuse_reference(reference)
+    frames = driving(1)[0]
+    for _ in range(120):
+        engine.step(frames)
+        s = engine.state
+        assert len(s.latents) == 3 and len(s.pose) == 3 and len(s.motion) == 3
+        assert s.motion_bank.shape[0] <= 1 + cfg.max_keyframes and engine.bank.num_keyframes <= cfg.max_keyframes
+    name = next(iter(engine.bank.state()))
+    assert engine.bank.tokens(name).shape[1] == (1 + cfg.max_keyframes) * 64
+
+
+def test_reset_forgets_everything(tiny_models, tiny_cfg, reference):
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    engine.fuse_reference(reference)
+    engine.step(driving(1)[0])
+    engine.reset()
+    assert engine.state is None and not engine.bank.has_reference

@@ -1,0 +1,72 @@
+"""Write random weights in the official layout (PersonaLive .pth files + diffusers/transformers folders).
+
+    python tools/make_random_weights.py --size tiny                 # -> pretrained_weights/tiny
+    python tools/make_random_weights.py --size full --out DIR --dtype fp16
+
+Every test and demo then runs the real loading code on these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from personalive.config import PROJECT_ROOT, load_config
+from personalive.errors import PersonaLiveError
+from personalive.io.checkpoints import WEIGHT_FILES, save_state_dict, write_json
+from personalive.weights import OFFICIAL_FILES, build_models, official_state_dicts, perturb_zero_init, save_models
+
+SIZES = {"tiny": ("configs/prompts/tiny.yaml", "pretrained_weights/tiny"),
+         "full": ("configs/prompts/personalive_online.yaml", "pretrained_weights/random-full")}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="tiny")
+    parser.add_argument("--out", type=Path, help="weights folder (default: pretrained_weights/tiny for tiny)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.pose_guider...)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config_path, default_out = SIZES[args.size]
+    out = args.out or Path(default_out)
+    try:
+        cfg = load_config(PROJECT_ROOT / config_path, args.overrides)
+        existing = [out / WEIGHT_FILES[f][-1] for f in OFFICIAL_FILES if (out / WEIGHT_FILES[f][-1]).exists()]
+        if existing and not args.force:
+            raise PersonaLiveError(f"{existing[0]} exists; pass --force to overwrite (is {out} a real weights folder?)")
+        configs = {name: _read_json(PROJECT_ROOT / f"configs/weights/{args.size}/{name}.json")
+                   for name in ("unet", "vae", "image_encoder")}
+        torch.manual_seed(args.seed)
+        models = build_models(cfg, configs)
+        perturb_zero_init(models)
+        dtype = DTYPES[args.dtype]
+        save_models(models, out, configs, dtype)
+        # the SD UNet the denoising UNet inflates: same 2-D keys (its weights only initialise training)
+        base = {k: v for k, v in official_state_dicts(models, dtype)["denoising_unet"].items()
+                if ".motion_modules." not in k}
+        save_state_dict(base, out / WEIGHT_FILES["base_unet"][-1])
+        write_json(_read_json(PROJECT_ROOT / f"configs/weights/{args.size}/model_index.json"),
+                   out / "sd-image-variations-diffusers/model_index.json")
+    except PersonaLiveError as e:
+        logging.error("error: %s", e)
+        return 2
+    logging.info("wrote %s random weights (%s, seed %d) to %s", args.size, args.dtype, args.seed, out)
+    return 0
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
