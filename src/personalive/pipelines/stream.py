@@ -5,26 +5,28 @@ timesteps 0, 333, 666, 999. One denoising-UNet call advances every chunk by one 
 then clean, leaves the window and is decoded, and a fresh noisy chunk of the reference latent enters. Before
 the first driving chunk the window is filled with a motion ramp from the reference pose to the first driving
 pose (12 frames), so the first three steps return those ramp frames. Historical keyframes: when the motion of
-the frame about to leave is far from every motion seen so far, the reference UNet re-runs on its predicted clean
-latent and its tokens join the reference attention (at most `max_keyframes`).
+the frame about to leave is far from the reference's and every keyframe's, the reference UNet re-runs on its
+predicted clean latent and its tokens join the reference attention (at most `max_keyframes`).
 
-Every buffer is bounded; a step costs the same at frame 10 and at frame 10 million. Official online wrapper:
-`src/wrapper.py`; where its offline pipeline disagrees, this follows the online wrapper.
+`StreamStep` is the tensor-only part of a step (what `torch2trt.py` exports); `StreamEngine` around it does the
+rest (reference fusion, keypoints, face crops, noise, keyframe decisions) and keeps the state. Every buffer is
+bounded: a step costs the same at frame 10 and at frame 10 million. Official reference: the online wrapper
+`src/wrapper.py`; where the official offline pipeline disagrees with it, this follows the online wrapper.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from einops import rearrange
 from PIL import Image
+from torch import nn
 from transformers import CLIPImageProcessorPil
 
 from personalive import keypoints as kp
@@ -37,41 +39,97 @@ logger = logging.getLogger(__name__)
 
 VAE_SCALE = 0.18215  # SD-1.x latent scale, hard-coded by the official code
 NoiseFn = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+Stage = Callable[[str], contextlib.AbstractContextManager]
+
+
+def no_stage(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+class StreamStep(nn.Module):
+    """One streaming step on explicit tensors: new chunk's conditions in, one decoded chunk and the next state out.
+
+    Args:
+        models: the networks; scheduler: the per-frame DDIM; bank: the reference attention bank.
+        window: frames per chunk; timesteps: (chunks * window,) per-frame timesteps, oldest chunk first.
+    """
+
+    def __init__(self, models: PersonaLiveModels, scheduler: StreamScheduler, bank: ReferenceBank, window: int,
+                 timesteps: torch.Tensor):
+        super().__init__()
+        self.pose_guider, self.motion_encoder = models.pose_guider, models.motion_encoder
+        self.denoising_unet, self.vae = models.denoising_unet, models.vae
+        self.scheduler, self.bank, self.window = scheduler, bank, window
+        self.register_buffer("timesteps", timesteps, persistent=False)
+        self.stage: Stage = no_stage
+
+    def forward(self, latents: torch.Tensor, clip_embeds: torch.Tensor, motion: torch.Tensor, faces: torch.Tensor,
+                pose: torch.Tensor, canvas: torch.Tensor, reference: dict[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """
+        Args:
+            latents: (1, 4, F, h, w) the window, oldest chunk first, the newest freshly noised (F = 16).
+            clip_embeds: (1, 1, d) CLIP embedding of the reference.
+            motion: (1, F - w, m, d) motion tokens of the older chunks; faces: (1, 3, w, s, s) new face crops in [-1, 1].
+            pose: (1, c0, F - w, h, w) PoseGuider features of the older chunks; canvas: (1, 3, w, H, W) new canvases.
+            reference: explicit reference tokens per attention layer (exported graphs); default: the bank's.
+        Returns:
+            frames (w, H, W, 3) in [0, 1]; latents (1, 4, F - w, h, w), motion (1, F - w, m, d) and pose
+            (1, c0, F - w, h, w) of the chunks that stay; motion_first (1, m, d) of the frame that left and its
+            clean latent x0_first (1, 4, h, w) (for the keyframe decision).
+        """
+        w = self.window
+        if reference is not None:
+            self.bank.load(reference)
+        with self.stage("motion_encoding"):
+            motion = torch.cat([motion, self.motion_encoder(faces).to(motion.dtype)], dim=1)  # (1, F, m, d)
+        with self.stage("pose_guider"):
+            pose = torch.cat([pose, self.pose_guider(canvas).to(pose.dtype)], dim=2)  # (1, c0, F, h, w)
+        with self.stage("unet"):
+            eps = self.denoising_unet(latents, self.timesteps, clip_embeds, motion, pose)
+            stepped, x0 = self.scheduler.step(eps, self.timesteps, latents)  # float32
+        with self.stage("vae_decode"):
+            frames = self.vae.decode(rearrange(x0[:, :, :w].to(latents.dtype), "1 c f h w -> f c h w") / VAE_SCALE)
+            frames = (frames.sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # the oldest chunk is clean: x0
+        return (frames, stepped[:, :, w:].to(latents.dtype), motion[:, w:], pose[:, :, w:], motion[:, 0],
+                x0[:, :, 0])
 
 
 @dataclass
 class StreamState:
-    """What one stream remembers between steps. Piles are deques of chunks, oldest first, all bounded."""
+    """What one stream remembers between steps; every tensor has a fixed size."""
 
     clip_embeds: torch.Tensor  # (1, 1, d) CLIP image embedding of the reference
     ref_latents: torch.Tensor  # (1, 4, h, w) VAE latent of the reference, scaled
     ref_image: torch.Tensor  # (3, H_ref, W_ref) reference in [-1, 1] (for its face crop)
     ref_pose_input: torch.Tensor  # (1, 3, S, S) reference in [0, 1] for the motion extractor
     ref_face: torch.Tensor | None  # (1, 3, s, s) given reference face crop in [-1, 1], else cut from keypoints
-    latents: deque = field(default_factory=deque)  # chunks (1, 4, w, h, w) at t = 0, 333, 666(, 999)
-    pose: deque = field(default_factory=deque)  # chunks (1, c0, w, h, w) PoseGuider features
-    motion: deque = field(default_factory=deque)  # chunks (1, w, m, d) motion tokens
+    latents: torch.Tensor  # (1, 4, F - w, h, w) the chunks at t = 0, 333, 666 before the next step
+    pose: torch.Tensor | None = None  # (1, c0, F - w, h, w) their PoseGuider features
+    motion: torch.Tensor | None = None  # (1, F - w, m, d) their motion tokens
     kp_ref: dict | None = None  # raw motion-extractor outputs of the reference
     kp_first: dict | None = None  # ... of the first driving frame
     motion_bank: torch.Tensor | None = None  # (k, m * d) motion of the reference and of every keyframe
-    steps: int = 0  # UNet calls so far
+    steps: int = 0  # steps taken
 
 
 class StreamEngine:
-    """Streaming PersonaLive on a set of loaded models; `fuse_reference`, then `step` forever; `reset`.
+    """Streaming PersonaLive on a set of loaded models: `fuse_reference`, then `step` forever; `reset`.
 
     Args:
-        models: the networks, already on `device` in `dtype`.
+        models: the networks, already on their device in their dtype.
         cfg: the run config (window sizes, keyframe settings, attention backend, seed).
-        noise_fn: every fresh noise tensor comes from here, in frame order (the padding frames of the
-            first window, then each new chunk); default: a `torch.Generator` seeded with `cfg.seed`.
+        noise_fn: every fresh noise tensor comes from here, in frame order (the padding frames of the first window,
+            then each new chunk); default: a `torch.Generator` on the device seeded with `cfg.seed`.
+        step_fn: what runs `StreamStep` (the PyTorch module by default; an ONNX Runtime or TensorRT session with
+            the same signature and `reference` passed explicitly otherwise).
     """
 
-    def __init__(self, models: PersonaLiveModels, cfg: PersonaLiveConfig, noise_fn: NoiseFn | None = None):
+    def __init__(self, models: PersonaLiveModels, cfg: PersonaLiveConfig, noise_fn: NoiseFn | None = None,
+                 step_fn: Callable[..., tuple] | None = None):
         self.models, self.cfg = models, cfg
         self.device, self.dtype = models.denoising_unet.device, models.denoising_unet.dtype
-        self.window = cfg.temporal_window_size
-        self.chunks = cfg.temporal_adaptive_step
+        self.window, self.chunks = cfg.temporal_window_size, cfg.temporal_adaptive_step
         self.scheduler = StreamScheduler(cfg.noise_scheduler_kwargs, cfg.step_length)
         self.bank = ReferenceBank(cfg.max_keyframes)
         install_reference_attention(models.reference_unet, models.denoising_unet, self.bank, cfg.attention)
@@ -80,17 +138,22 @@ class StreamEngine:
         size = models.image_encoder.config.image_size
         self.clip_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         # per-frame timesteps of the window, oldest chunk first: [0]*4 + [333]*4 + [666]*4 + [999]*4
-        self.timesteps = torch.tensor(cfg.timesteps[::-1], device=self.device).repeat_interleave(self.window)
+        timesteps = torch.tensor(cfg.timesteps[::-1], device=self.device).repeat_interleave(self.window)
+        self.step_module = StreamStep(models, self.scheduler, self.bank, self.window, timesteps)
+        self.step_fn = step_fn
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.noise_fn = noise_fn or self._default_noise
-        self.stage: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
+        self.stage: Stage = no_stage
         self.state: StreamState | None = None
 
-    # ----------------------------------------------------------------------------------------------------------
     @property
     def num_ramp_frames(self) -> int:
         """Frames the first steps return before the first driving frame's output: 12 officially."""
         return (self.chunks - 1) * self.window
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.step_module.timesteps
 
     def reset(self) -> None:
         """Forget the reference and the stream; `fuse_reference` must run again."""
@@ -101,8 +164,11 @@ class StreamEngine:
     def _default_noise(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
 
-    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.noise_fn(shape, self.dtype, self.device).to(self.device, self.dtype)
+    def _noisy(self, latents: torch.Tensor, frames: int, timesteps: torch.Tensor) -> torch.Tensor:
+        """`frames` copies of `latents` (1, 4, h, w) noised at `timesteps` with fresh noise -> (1, 4, frames, h, w)."""
+        noise = self.noise_fn((1, latents.shape[1], frames, *latents.shape[-2:]), self.dtype, self.device)
+        copies = latents.unsqueeze(2).expand(-1, -1, frames, -1, -1)
+        return self.scheduler.add_noise(copies, noise.to(self.device, self.dtype), timesteps)
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,15 +193,12 @@ class StreamEngine:
             self.bank.set_reference()
             size = m.motion_extractor.config.input_size
             pose_input = self.vae_processor.preprocess(image, size, size).to(self.device, m.motion_extractor.dtype)
+        pad = self.num_ramp_frames  # the first window: ramp chunks of the reference latent at t = 0, 333, 666
         self.state = StreamState(
             clip_embeds=clip, ref_latents=latents, ref_image=ref[0], ref_pose_input=pose_input / 2 + 0.5,
             ref_face=None if face is None else face.to(self.device).unsqueeze(0),
+            latents=self._noisy(latents, pad, self.timesteps[:pad]),
         )
-        # the first window: ramp chunks of the reference latent noised to t = 0, 333, 666
-        pad = self.num_ramp_frames
-        noise = self._noise((1, latents.shape[1], pad, *latents.shape[-2:]))
-        first = self.scheduler.add_noise(latents.unsqueeze(2).expand(-1, -1, pad, -1, -1), noise, self.timesteps[:pad])
-        self.state.latents.extend(first.split(self.window, dim=2))
 
     def _run_reference_unet(self, latents: torch.Tensor, clip: torch.Tensor) -> None:
         """Write the reference UNet's self-attention inputs for `latents` (b, 4, h, w) into the bank (t = 0)."""
@@ -154,93 +217,76 @@ class StreamEngine:
             (w, H, W, 3) float32 frames in [0, 1] on the CPU: the chunk given `chunks - 1` steps ago (the first
             steps return the ramp from the reference pose to the first driving pose).
         """
-        state, m = self.state, self.models
+        state, m, w = self.state, self.models, self.window
         if state is None:
             raise RuntimeError("fuse_reference() must run before step()")
-        w = self.window
         if frames.shape[0] != w or frames.shape[-2:] != (self.cfg.height, self.cfg.width):
             raise ValueError(f"expected ({w}, 3, {self.cfg.height}, {self.cfg.width}) frames, got {tuple(frames.shape)}")
-        first = state.kp_ref is None
         frames = frames.to(self.device, self.dtype)
-
         with self.stage("motion_extraction"):
             size = m.motion_extractor.config.input_size
             pose_input = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False) / 2 + 0.5
-            driving = m.motion_extractor(pose_input.to(m.motion_extractor.dtype))
-            if first:
-                state.kp_ref = m.motion_extractor(state.ref_pose_input)
-                state.kp_first = m.motion_extractor(pose_input[:1].to(m.motion_extractor.dtype))  # as official
-                sets = kp.start_sets(state.kp_ref, driving, self.num_ramp_frames)  # ramp + retargeted chunk
-            else:
-                sets = kp.retarget(state.kp_ref, state.kp_first, driving)
-            posed = kp.transform_keypoints(sets)  # (w or pad + w, K, 3) retargeted keypoints
-            canvas = kp.draw_keypoints(posed, self.cfg.height, self.cfg.width)  # (n, 3, H, W)
-
-        with self.stage("motion_encoding"):
-            crop = m.motion_encoder.config.image_size
+            pose_input = pose_input.to(m.motion_extractor.dtype)
+            driving = m.motion_extractor(pose_input)
             if faces is None:
                 boxes = kp.face_boxes(kp.transform_keypoints(driving), self.cfg.height, self.cfg.width)
-                faces = kp.crop_faces(frames, boxes, crop)
-            faces = faces.to(self.device, m.motion_encoder.dtype)
-            if first:
-                ref_face = state.ref_face
-                if ref_face is None:
-                    ref_h, ref_w = state.ref_image.shape[-2:]
-                    box = kp.face_boxes(posed[:1], ref_h, ref_w)  # ramp set 0 = the reference's own pose
-                    ref_face = kp.crop_faces(state.ref_image[None], box, crop)
-                faces = torch.cat([ref_face.to(faces.dtype), faces])
-            tokens = m.motion_encoder(rearrange(faces, "f c h w -> 1 c f h w"))  # (1, f, m, d)
-            if first:
-                ref_tokens, tokens = tokens[:, :1], tokens[:, 1:]
-                alpha = torch.linspace(0, 1, self.num_ramp_frames + 1, device=self.device, dtype=tokens.dtype)
-                alpha = alpha[:-1].view(1, -1, 1, 1)
-                ramp = (1 - alpha) * ref_tokens + alpha * tokens[:, :1]  # (1, pad, m, d)
-                state.motion.extend(ramp.split(w, dim=1))
-                state.motion_bank = ref_tokens.flatten(1).float()  # (1, m * d)
-            state.motion.append(tokens)
-
-        with self.stage("pose_guider"):
-            pose = m.pose_guider(rearrange(canvas, "f c h w -> 1 c f h w"))  # (1, c0, n, h, w)
-            state.pose.extend(pose.split(w, dim=2))
-
-        noise = self._noise((1, state.ref_latents.shape[1], w, *state.ref_latents.shape[-2:]))
-        fresh = state.ref_latents.unsqueeze(2).expand(-1, -1, w, -1, -1)
-        state.latents.append(self.scheduler.add_noise(fresh, noise, self.timesteps[-1:]))
-
-        latents = torch.cat(list(state.latents), dim=2)  # (1, 4, 16, h, w), oldest chunk first
-        motion = torch.cat(list(state.motion), dim=1)  # (1, 16, m, d)
-        keyframe = self._is_keyframe(motion[0, 0])
-
-        with self.stage("unet"):
-            eps = m.denoising_unet(latents, self.timesteps, state.clip_embeds, motion.to(self.dtype),
-                                   torch.cat(list(state.pose), dim=2))
-            latents, x0 = self.scheduler.step(eps, self.timesteps, latents)
-            latents = torch.cat([x0[:, :, :w], latents[:, :, w:]], dim=2).to(self.dtype)  # oldest chunk: x0
-
-        if keyframe:
+                faces = kp.crop_faces(frames, boxes, m.motion_encoder.config.image_size)
+            faces = faces.to(self.dtype)
+        if state.kp_ref is None:
+            posed = self._start(pose_input, driving, faces[:1])
+        else:
+            posed = kp.transform_keypoints(kp.retarget(state.kp_ref, state.kp_first, driving))  # (w, K, 3)
+        canvas = kp.draw_keypoints(posed, self.cfg.height, self.cfg.width)  # (w, 3, H, W)
+        latents = torch.cat([state.latents, self._noisy(state.ref_latents, w, self.timesteps[-1:])], dim=2)
+        args = (latents, state.clip_embeds, state.motion, rearrange(faces, "f c h w -> 1 c f h w"),
+                state.pose, rearrange(canvas.to(self.dtype), "f c h w -> 1 c f h w"))
+        if self.step_fn is None:
+            self.step_module.stage = self.stage
+            out = self.step_module(*args)
+        else:
+            with self.stage("step"):
+                out = self.step_fn(*args, reference=self.bank.state())
+        frames_out, state.latents, state.motion, state.pose, motion_first, x0_first = out
+        if self._is_keyframe(motion_first[0]):
             with self.stage("keyframe"):
-                self._run_reference_unet(x0[:, :, 0], state.clip_embeds)
+                self._run_reference_unet(x0_first, state.clip_embeds)
                 self.bank.add_keyframe()
-                state.motion_bank = torch.cat([state.motion_bank, motion[0, :1].flatten(1).float()])
+                state.motion_bank = torch.cat([state.motion_bank, motion_first.flatten(1).float()])
                 logger.info("keyframe %d added at step %d", self.bank.num_keyframes, state.steps)
-
-        chunks = latents.split(w, dim=2)
-        state.latents = deque(chunks[1:])
-        state.pose.popleft()
-        state.motion.popleft()
         state.steps += 1
-        with self.stage("vae_decode"):
-            return self.decode(chunks[0])
+        return frames_out.float().cpu()
+
+    def _start(self, pose_input: torch.Tensor, driving: dict, face0: torch.Tensor) -> torch.Tensor:
+        """First chunk: keypoints of the reference and of driving frame 0, then the ramp of poses and motion from
+        the reference to frame 0 (official `interpolate_kps_online` and motion interpolation).
+
+        pose_input: (w, 3, S, S) motion-extractor input; driving: its raw outputs; face0: (1, 3, s, s) frame 0's
+        face crop. Returns the chunk's retargeted keypoints (w, K, 3).
+        """
+        state, m, pad = self.state, self.models, self.num_ramp_frames
+        with self.stage("motion_extraction"):
+            state.kp_ref = m.motion_extractor(state.ref_pose_input)
+            state.kp_first = m.motion_extractor(pose_input[:1])  # as official: frame 0 on its own
+            posed = kp.transform_keypoints(kp.start_sets(state.kp_ref, driving, pad))  # (pad + w, K, 3)
+            ramp_canvas = kp.draw_keypoints(posed[:pad], self.cfg.height, self.cfg.width)
+            ref_face = state.ref_face
+            if ref_face is None:  # cut with the box of ramp set 0 = the reference's own pose
+                box = kp.face_boxes(posed[:1], *state.ref_image.shape[-2:])
+                ref_face = kp.crop_faces(state.ref_image[None], box, m.motion_encoder.config.image_size)
+        with self.stage("motion_encoding"):
+            faces = torch.cat([ref_face.to(self.dtype), face0])
+            tokens = m.motion_encoder(rearrange(faces, "f c h w -> 1 c f h w"))  # (1, 2, m, d): reference, frame 0
+            alpha = torch.linspace(0, 1, pad + 1, device=self.device, dtype=tokens.dtype)[:-1].view(1, -1, 1, 1)
+            state.motion = (1 - alpha) * tokens[:, :1] + alpha * tokens[:, 1:]  # (1, pad, m, d)
+            state.motion_bank = tokens[:, 0].flatten(1).float()  # (1, m * d)
+        with self.stage("pose_guider"):
+            state.pose = m.pose_guider(rearrange(ramp_canvas.to(self.dtype), "f c h w -> 1 c f h w"))
+        return posed[pad:]
 
     def _is_keyframe(self, tokens: torch.Tensor) -> bool:
-        """Is the frame about to leave the window (tokens (m, d)) far from the reference and every keyframe?"""
+        """Is the frame that just left the window (tokens (m, d)) far from the reference and every keyframe?"""
         state = self.state
         if state.steps < self.cfg.keyframe_start_step or self.bank.num_keyframes >= self.cfg.max_keyframes:
             return False
         distance = torch.cdist(tokens.flatten()[None].float(), state.motion_bank).min()
         return bool(distance > self.cfg.keyframe_threshold)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(1, 4, f, h, w) latents -> (f, H, W, 3) float32 frames in [0, 1] on the CPU."""
-        images = self.models.vae.decode(rearrange(latents, "1 c f h w -> f c h w") / VAE_SCALE).sample
-        return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
