@@ -112,6 +112,7 @@ class DenoisingUNet(ModelMixin, ConfigMixin, AttentionMixin):
         clip_embeds: torch.Tensor,
         motion_tokens: torch.Tensor | None,
         pose_features: torch.Tensor | None = None,
+        temporal: bool = True,
     ) -> torch.Tensor:
         """Predict the noise of a window of frames.
 
@@ -121,6 +122,7 @@ class DenoisingUNet(ModelMixin, ConfigMixin, AttentionMixin):
             clip_embeds: (b, n, d) CLIP image embeddings (n = 1 in PersonaLive).
             motion_tokens: (b, f, m, d_motion) motion tokens, one set per frame.
             pose_features: (b, c0, f, h, w) PoseGuider output, added after `conv_in`.
+            temporal: False skips the temporal modules (image-level training, paper stage 1).
         Returns:
             (b, c, f, h, w) predicted noise.
         """
@@ -134,7 +136,7 @@ class DenoisingUNet(ModelMixin, ConfigMixin, AttentionMixin):
             x = x + rearrange(pose_features, "b c f h w -> (b f) c h w")
         clip = clip_embeds.repeat_interleave(f, dim=0)  # (b f, n, d)
         motion = None if motion_tokens is None else rearrange(motion_tokens, "b f m d -> (b f) m d")
-        ctx = (emb, clip, motion, f)
+        ctx = (emb, clip, motion, f, temporal)
 
         skips = [x]
         for block in self.down_blocks:
@@ -161,20 +163,21 @@ class DenoisingUNet(ModelMixin, ConfigMixin, AttentionMixin):
 
     def _layer(self, block: nn.Module, j: int, x: torch.Tensor, ctx: tuple, resnet: bool = True) -> torch.Tensor:
         """One layer of a block: resnet j (unless `resnet=False`), attention j, motion module j, temporal module j."""
-        emb, clip, motion, f = ctx
+        emb, clip, motion, f, temporal = ctx
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(self._layer_body, block, j, x, emb, clip, motion, f, resnet)
-        return self._layer_body(block, j, x, emb, clip, motion, f, resnet)
+            return self._gradient_checkpointing_func(self._layer_body, block, j, x, emb, clip, motion, f, temporal,
+                                                     resnet)
+        return self._layer_body(block, j, x, emb, clip, motion, f, temporal, resnet)
 
     @staticmethod
-    def _layer_body(block, j, x, emb, clip, motion, f, resnet):
+    def _layer_body(block, j, x, emb, clip, motion, f, temporal, resnet):
         if resnet:
             x = block.resnets[j](x, emb)
         if getattr(block, "attentions", None) is not None:
             x = block.attentions[j](x, encoder_hidden_states=clip, return_dict=False)[0]
         if block.motion_modules is not None:
             x = block.motion_modules[j](x, motion, f)
-        if block.temporal_modules is not None:
+        if temporal and block.temporal_modules is not None:
             x = block.temporal_modules[j](x, None, f)
         return x
 
