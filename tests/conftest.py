@@ -59,3 +59,17 @@ def tiny_models(tiny_cfg):
     from personalive.weights import load_models
 
     return load_models(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_cfg, tmp_path_factory) -> Path:
+    """A folder holding the tiny streaming step exported to `onnx/unet/unet.onnx` (fp32, CPU, weights in
+    `unet.onnx.data`), as `torch2trt.py --onnx-only` writes it (tests/export)."""
+    from personalive.export.onnx import export_onnx
+    from personalive.pipelines.stream import StreamEngine
+    from personalive.weights import load_models
+
+    out = tmp_path_factory.mktemp("export")
+    engine = StreamEngine(load_models(tiny_cfg), tiny_cfg)  # its own models: tracing loads sample tokens in its bank
+    export_onnx(engine, out, external_data=True)
+    return out

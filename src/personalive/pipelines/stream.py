@@ -63,12 +63,13 @@ class StreamStep(nn.Module):
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.stage: Stage = no_stage
 
-    def forward(self, latents: torch.Tensor, clip_embeds: torch.Tensor, motion: torch.Tensor, faces: torch.Tensor,
-                pose: torch.Tensor, canvas: torch.Tensor, reference: dict[str, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(self, latents: torch.Tensor, new_latents: torch.Tensor, clip_embeds: torch.Tensor,
+                motion: torch.Tensor, faces: torch.Tensor, pose: torch.Tensor, canvas: torch.Tensor,
+                reference: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """
         Args:
-            latents: (1, 4, F, h, w) the window, oldest chunk first, the newest freshly noised (F = 16).
+            latents: (1, 4, F - w, h, w) the chunks already in the window, oldest first (F = 16).
+            new_latents: (1, 4, w, h, w) the entering chunk, already noised to the last timestep.
             clip_embeds: (1, 1, d) CLIP embedding of the reference.
             motion: (1, F - w, m, d) motion tokens of the older chunks; faces: (1, 3, w, s, s) new face crops in [-1, 1].
             pose: (1, c0, F - w, h, w) PoseGuider features of the older chunks; canvas: (1, 3, w, H, W) new canvases.
@@ -79,6 +80,7 @@ class StreamStep(nn.Module):
             clean latent x0_first (1, 4, h, w) (for the keyframe decision).
         """
         w = self.window
+        latents = torch.cat([latents, new_latents.to(latents.dtype)], dim=2)  # (1, 4, F, h, w): the window shift
         if reference is not None:
             self.bank.load(reference)
         with self.stage("motion_encoding"):
@@ -237,9 +239,10 @@ class StreamEngine:
         else:
             posed = kp.transform_keypoints(kp.retarget(state.kp_ref, state.kp_first, driving))  # (w, K, 3)
         canvas = kp.draw_keypoints(posed, self.cfg.height, self.cfg.width)  # (w, 3, H, W)
-        latents = torch.cat([state.latents, self._noisy(state.ref_latents, w, self.timesteps[-1:])], dim=2)
-        args = (latents, state.clip_embeds, state.motion, rearrange(faces, "f c h w -> 1 c f h w"),
-                state.pose, rearrange(canvas.to(self.dtype), "f c h w -> 1 c f h w"))
+        new_latents = self._noisy(state.ref_latents, w, self.timesteps[-1:])  # (1, 4, w, h, w) at t = 999
+        args = (state.latents, new_latents, state.clip_embeds, state.motion,
+                rearrange(faces, "f c h w -> 1 c f h w"), state.pose,
+                rearrange(canvas.to(self.dtype), "f c h w -> 1 c f h w"))
         if self.step_fn is None:
             self.step_module.stage = self.stage
             out = self.step_module(*args)
