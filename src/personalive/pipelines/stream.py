@@ -233,7 +233,7 @@ class StreamEngine:
             if faces is None:
                 boxes = kp.face_boxes(kp.transform_keypoints(driving), self.cfg.height, self.cfg.width)
                 faces = kp.crop_faces(frames, boxes, m.motion_encoder.config.image_size)
-            faces = faces.to(self.dtype)
+            faces = faces.to(self.device, self.dtype)  # given crops may be on the CPU
         if state.kp_ref is None:
             posed = self._start(pose_input, driving, faces[:1])
         else:

