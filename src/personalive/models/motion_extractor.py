@@ -3,7 +3,8 @@
 One frame in, one set of motion parameters out: canonical keypoints x_c, head-pose bins (pitch, yaw, roll),
 translation t and scale s. The keypoint maths (angle decoding, s * x_c R + t, retargeting, drawing) is in
 `personalive.keypoints`. Attribute names follow the official checkpoint (`detector.*`); the expression head
-`fc_exp` is kept for the weights but never evaluated, as in the official pipeline.
+`fc_exp` (LivePortrait's expression deformation) is not evaluated by the animation pipeline, as officially; the
+evaluation asks for it (`with_expression=True`) to measure expression distances (AED).
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ class ConvNeXtV2(nn.Module):
         self.fc_yaw = nn.Linear(dims[-1], num_bins)
         self.fc_roll = nn.Linear(dims[-1], num_bins)
         self.fc_t = nn.Linear(dims[-1], 3)
-        self.fc_exp = nn.Linear(dims[-1], 3 * num_kp)  # expression deformation: weights only, unused
+        self.fc_exp = nn.Linear(dims[-1], 3 * num_kp)  # expression deformation: only for evaluation (AED)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_expression: bool = False) -> dict[str, torch.Tensor]:
         for down, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = stage(down(x))
         x = self.norm(x.mean(dim=(-2, -1)))  # (n, dims[-1])
-        return {
+        out = {
             "pitch": self.fc_pitch(x),
             "yaw": self.fc_yaw(x),
             "roll": self.fc_roll(x),
@@ -110,6 +111,9 @@ class ConvNeXtV2(nn.Module):
             "scale": self.fc_scale(x),
             "kp": self.fc_kp(x),
         }
+        if with_expression:
+            out["exp"] = self.fc_exp(x)
+        return out
 
 
 class MotionExtractor(ModelMixin, ConfigMixin):
@@ -137,13 +141,14 @@ class MotionExtractor(ModelMixin, ConfigMixin):
             raise ValueError(f"input_size={input_size} must be a multiple of 32 (total stride of the backbone)")
         self.detector = ConvNeXtV2(list(depths), list(dims), num_kp, num_bins)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, with_expression: bool = False) -> dict[str, torch.Tensor]:
         """x: (n, 3, input_size, input_size) RGB in [0, 1], no mean/std normalisation.
 
         Returns a dict of tensors in the model dtype: `pitch`, `yaw`, `roll` (n, num_bins) logits, `t` (n, 3),
-        `scale` (n, 1), `kp` (n, 3 * num_kp) canonical keypoints.
+        `scale` (n, 1), `kp` (n, 3 * num_kp) canonical keypoints, and with `with_expression` also `exp`
+        (n, 3 * num_kp) expression deformations (LivePortrait's delta; used by the evaluation, not the pipeline).
         """
         size = self.config.input_size
         if x.ndim != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"expected (n, 3, {size}, {size}) frames, got {tuple(x.shape)}")
-        return self.detector(x.to(self.detector.fc_kp.weight.dtype))
+        return self.detector(x.to(self.detector.fc_kp.weight.dtype), with_expression)
