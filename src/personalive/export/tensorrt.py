@@ -117,8 +117,10 @@ def build_tensorrt_engine(onnx_path: str | Path, engine_path: str | Path, spec: 
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
+    dynamic = {t.name for t in spec.reference_inputs}  # every other input has static dims in the graph
     for name, (low, opt, high) in spec.profile().items():
-        profile.set_shape(name, low, opt, high)
+        if name in dynamic:
+            profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt)
