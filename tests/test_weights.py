@@ -1,6 +1,7 @@
 """Weights in the official layout: random tiny folder round trip, --check, strict loading, full-size key lists."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,51 @@ def test_safetensors_beside_pth(broken):
     save_state_dict(load_state_dict(path), path.with_suffix(".safetensors"))
     path.unlink()
     assert check(broken) == 0
+
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub.hf_hub_download replaced by a stub that writes the file into local_dir, as the hub does."""
+    import huggingface_hub
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, local_dir):
+        calls.append((repo_id, filename))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(filename.encode())
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return calls
+
+
+def test_download_writes_the_official_layout_and_skips_what_is_there(fake_hub, tmp_path):
+    out = tmp_path / "pretrained_weights"
+    assert run_tool("download_weights", ["--out", str(out)]) == 0
+    expected = [f"personalive/{name}.pth" for name in OFFICIAL_FILES if name not in ("vae", "image_encoder")] + [
+        "sd-vae-ft-mse/config.json", "sd-vae-ft-mse/diffusion_pytorch_model.bin",
+        "sd-image-variations-diffusers/unet/config.json", "sd-image-variations-diffusers/unet/diffusion_pytorch_model.bin",
+        "sd-image-variations-diffusers/image_encoder/config.json",
+        "sd-image-variations-diffusers/image_encoder/pytorch_model.bin"]
+    for rel in expected:
+        assert (out / rel).is_file(), rel
+    assert not (out / ".download").exists()
+    fetched = len(fake_hub)
+    assert run_tool("download_weights", ["--out", str(out)]) == 0
+    assert len(fake_hub) == fetched  # nothing fetched twice
+
+
+def test_download_failure_is_one_line_naming_the_file(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    def offline(repo_id, filename, local_dir):
+        raise OSError("Connection refused\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert run_tool("download_weights", ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "could not download model_index.json" in err and "Connection refused" in err and "again" in err
