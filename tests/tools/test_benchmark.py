@@ -27,3 +27,27 @@ def test_benchmark_help_names_the_malloc_settings(capsys):
         run_tool("benchmark", ["--help"])
     assert e.value.code == 0
     assert "MALLOC_MMAP_THRESHOLD_=17179869184" in capsys.readouterr().out
+
+
+def test_backends_compared_in_one_run_report_speedups(tmp_path, tiny_weights, monkeypatch):
+    import personalive.pipelines.offline as offline
+
+    def fake_backend(engine, cfg, acceleration):  # a second backend without exporting: the torch step, renamed
+        engine.step_fn = engine.step_module if acceleration == "onnxruntime" else None
+
+    monkeypatch.setattr(offline, "set_acceleration", fake_backend)
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "8",
+            "--warmup", "0", "--rounds", "2", "--acceleration", "none,onnxruntime", "--json", str(out),
+            "--log-level", "WARNING"]
+    assert run_tool("benchmark", argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["backends"]) == {"none", "onnxruntime"} and result["rounds"] == 2
+    assert result["speedup"]["none"] == 1.0 and result["speedup"]["onnxruntime"] > 0
+    assert result["backends"]["onnxruntime"]["acceleration"] == "onnxruntime"
+
+
+def test_benchmark_refuses_unknown_backends():
+    with pytest.raises(SystemExit) as e:
+        run_tool("benchmark", ["--acceleration", "none,warp"])
+    assert e.value.code == 2
