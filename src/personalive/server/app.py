@@ -1,0 +1,246 @@
+"""The web page (gradio, served by Python alone): reference upload, webcam or video in, live animation out.
+
+Layout and glue only. Each handler finds the tab's `Session` by gradio's session hash and calls one method; the
+engines run in `worker.py`. Webcam frames arrive through gradio's streaming webcam (`Image.stream`); animated
+frames leave through one long-running generator per tab (started on page load, ended on unload) that yields each
+paced frame as an inline JPEG, so nothing piles up in gradio's file cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from importlib import resources
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from personalive.errors import ConfigError, ImageReadError, NoFaceError, VideoReadError
+from personalive.io.images import load_image
+from personalive.io.samples import sample_reference
+from personalive.server.session import FaceFinder, OutputFrame, prepare_reference
+from personalive.server.worker import FIRST_STATUS, StreamServer
+
+logger = logging.getLogger(__name__)
+
+WEBCAM_FPS = 30  # how often the page may send webcam frames; the driving FPS slider samples from them
+PREVIEW_SIDE = 256  # px; smaller fused references are shown enlarged
+READOUT_EVERY = 0.25  # s between updates of the status and stats lines
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+EMPTY_OUTPUT = '<div class="pl-empty">The animation appears here.</div>'
+CSS = """
+#pl-output img { width: 100%; max-width: 512px; aspect-ratio: 1; display: block; margin: auto; }
+#pl-output .pl-empty { aspect-ratio: 1; max-width: 512px; margin: auto; display: flex; align-items: center;
+  justify-content: center; border: 1px dashed var(--border-color-primary); color: var(--body-text-color-subdued); }
+"""
+
+
+def _text(name: str) -> str:
+    return resources.files("personalive.server").joinpath(name).read_text(encoding="utf-8")
+
+
+def _frame_html(frame: OutputFrame) -> str:
+    return (f'<img class="pl-frame" alt="animated frame" data-frame="{frame.index}" '
+            f'src="data:image/jpeg;base64,{frame.jpeg}">')
+
+
+def _preview(image: Image.Image, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """The fused reference for display, enlarged (pixels kept sharp) when the model works at a small size."""
+    if max(image.size) < side:
+        scale = side // max(image.size)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    return np.asarray(image)
+
+
+def build_page(server: StreamServer, reference_size: tuple[int, int], faces: FaceFinder | None = None) -> gr.Blocks:
+    """The page for `server`; references are cropped to `reference_size` (height, width) around the face."""
+    settings = server.settings
+
+    def session(request: gr.Request):
+        return server.session(request.session_hash)
+
+    def on_webcam(frame: np.ndarray | None, request: gr.Request) -> None:
+        if frame is not None:
+            session(request).push_webcam(frame, time.monotonic())
+
+    def fuse(image_path: str | Path | None, request: gr.Request, sample: bool = False):
+        s = session(request)
+        if image_path is None:
+            s.notice = "Choose a reference image first (or press Use sample)."
+            return gr.skip(), server.status(s)
+        name = "the sample" if sample else Path(image_path).name
+        try:
+            image = prepare_reference(load_image(image_path), *reference_size, faces)
+        except (ImageReadError, NoFaceError) as e:
+            s.notice = str(e).replace(str(image_path), name)  # no server paths on the page
+            return gr.skip(), server.status(s)
+        s.notice = ""
+        s.set_reference(image)
+        logger.info("session %s: new reference %s", s.key[:8], name)
+        return _preview(image), server.status(s)
+
+    def on_fuse(image_path: str | None, request: gr.Request):
+        return fuse(image_path, request)
+
+    def on_sample(request: gr.Request):
+        return fuse(sample_reference(), request, sample=True)
+
+    def on_play(video_path: str | None, request: gr.Request) -> str:
+        s = session(request)
+        if not video_path:
+            s.notice = "Upload a driving video first."
+        elif s.reference is None:
+            s.notice = "Fuse a reference portrait first."
+        else:
+            try:
+                s.play_video(video_path)
+                s.notice = ""
+            except VideoReadError as e:
+                s.notice = str(e).replace(str(video_path), Path(video_path).name)
+        return server.status(s)
+
+    def on_stop(request: gr.Request) -> str:
+        s = session(request)
+        s.stop()
+        server.update(s, time.monotonic())
+        return server.status(s)
+
+    def on_start(request: gr.Request) -> str:
+        s = session(request)
+        s.start()
+        return server.status(s)
+
+    def on_reset(request: gr.Request) -> str:
+        s = session(request)
+        s.restart()
+        return server.status(s)
+
+    def on_fps(fps: float, request: gr.Request) -> None:
+        session(request).set_fps(float(fps))
+
+    def on_seed(seed: float | None, request: gr.Request) -> None:
+        if seed is not None:
+            session(request).set_seed(int(seed))
+
+    async def player(request: gr.Request):
+        """Runs while the tab is open: slot bookkeeping, paced frames out, readout every READOUT_EVERY s."""
+        s = session(request)
+        shown_status = shown_stats = None
+        next_readout = 0.0
+        while not s.closed:
+            now = time.monotonic()
+            server.update(s, now)
+            frame = s.next_output(now)
+            status = stats = gr.skip()
+            if now >= next_readout:
+                next_readout = now + READOUT_EVERY
+                if (text := server.status(s)) != shown_status:
+                    status = shown_status = text
+                if (text := s.stats_text(now)) != shown_stats:
+                    stats = shown_stats = text
+            if frame is not None or isinstance(status, str) or isinstance(stats, str):
+                yield _frame_html(frame) if frame is not None else gr.skip(), status, stats
+            wait = s.wait_time(time.monotonic())
+            await asyncio.sleep(0.05 if wait is None else min(wait, 0.05))
+
+    def on_unload(request: gr.Request) -> None:
+        server.close_session(request.session_hash)
+
+    with gr.Blocks(title="PersonaLive online", analytics_enabled=False) as page:
+        gr.Markdown(_text("page.md"))
+        status = gr.Markdown(FIRST_STATUS, elem_id="pl-status")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                reference_file = gr.File(label="Reference portrait (image)", file_types=["image"], type="filepath",
+                                         elem_id="pl-reference-file", height=120)
+                with gr.Row():
+                    fuse_button = gr.Button("Fuse", variant="primary", elem_id="pl-fuse")
+                    sample_button = gr.Button("Use sample", elem_id="pl-sample")
+                reference_view = gr.Image(label="Fused reference", interactive=False, elem_id="pl-reference",
+                                          height=240)
+            with gr.Column():
+                webcam = gr.Image(label="Webcam (press Record to start)", sources=["webcam"], streaming=True,
+                                  type="numpy", webcam_options=gr.WebcamOptions(mirror=True), elem_id="pl-webcam")
+                video = gr.Video(label="Driving video (instead of the webcam)", sources=["upload"],
+                                 include_audio=True, elem_id="pl-video", height=200)  # False needs ffmpeg
+                play_button = gr.Button("Play video", elem_id="pl-play")
+            with gr.Column():
+                output = gr.HTML(EMPTY_OUTPUT, label="Animation", elem_id="pl-output")
+                stats = gr.Markdown("", elem_id="pl-stats")
+                with gr.Row():
+                    start_button = gr.Button("Start", elem_id="pl-start")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="pl-stop")
+                    reset_button = gr.Button("Reset", elem_id="pl-reset")
+                with gr.Row():
+                    fps = gr.Slider(1, WEBCAM_FPS, value=settings["fps"], step=1, label="Driving FPS",
+                                    elem_id="pl-fps")
+                    seed = gr.Number(settings["seed"], precision=0, label="Seed", elem_id="pl-seed")
+        with gr.Accordion("How it works", open=False):
+            gr.Markdown(_text("help.md"))
+
+        quick = dict(concurrency_limit=None, show_progress="hidden")
+        webcam.stream(on_webcam, inputs=[webcam], outputs=None, stream_every=1 / WEBCAM_FPS, time_limit=None,
+                      **quick)
+        fuse_button.click(on_fuse, inputs=[reference_file], outputs=[reference_view, status],
+                          concurrency_limit=None, show_progress="minimal")
+        sample_button.click(on_sample, outputs=[reference_view, status], concurrency_limit=None,
+                            show_progress="minimal")
+        play_button.click(on_play, inputs=[video], outputs=[status], **quick)
+        start_button.click(on_start, outputs=[status], **quick)
+        stop_button.click(on_stop, outputs=[status], **quick)
+        reset_button.click(on_reset, outputs=[status], **quick)
+        fps.change(on_fps, inputs=[fps], **quick)
+        seed.change(on_seed, inputs=[seed], **quick)
+        page.load(player, outputs=[output, status, stats], **quick)
+        page.unload(on_unload)
+    return page
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before any model loads when host:port cannot be served (a bad port, a taken port, an unknown host).
+
+    Raises:
+        ConfigError: naming the address and the fix.
+    """
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port; use 1-65535 (default 7860)")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no clash
+            probe.bind(address)
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {host}:{port} ({e.strerror or e}); pass a free --port or another "
+                          f"--host") from e
+
+
+def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "127.0.0.1", port: int = 7860,
+           max_upload_mb: float = 50, block: bool = True, quiet: bool = False) -> gr.Blocks:
+    """Serve the page on host:port; with `block` until Ctrl-C (then the workers stop), else in the background.
+
+    Raises:
+        ConfigError: the port is taken or the host cannot be bound.
+    """
+    if host not in LOCAL_HOSTS:
+        logger.warning("serving on %s: anyone who can reach this address can use the page and its GPUs "
+                       "(there is no login); use --host 127.0.0.1 to keep it local", host)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
+    faces = FaceFinder()
+    page = build_page(server, reference_size, faces)
+    page.queue(default_concurrency_limit=None, max_size=256)
+    try:
+        page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
+                    max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes: gradio's "<n>mb" takes integers only
+                    prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["gradio"])
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {host}:{port} ({e}); pass a free --port or another --host") from e
+    finally:
+        if block:
+            page.close()
+            server.shutdown()
+            faces.close()
+    return page

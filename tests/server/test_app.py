@@ -1,0 +1,50 @@
+"""The page's server without a browser: the address is checked before models load, the page is served on
+127.0.0.1, uploads are capped, and the command line turns a taken port into one line."""
+
+import socket
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from personalive.errors import ConfigError
+from personalive.server.app import check_address, launch
+from personalive.server.worker import StreamServer, Worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_address_refuses_bad_and_taken_ports():
+    with pytest.raises(ConfigError, match="not a TCP port"):
+        check_address("127.0.0.1", 99999)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}.*--port"):
+            check_address("127.0.0.1", port)
+    check_address("127.0.0.1", free_port())
+
+
+def test_page_is_served_locally_and_uploads_are_capped():
+    worker = Worker(SimpleNamespace(), "fake:0")  # no stream starts here: the engine is never called
+    server = StreamServer([worker], 16, 16, window=4, fps=10, seed=0)
+    port = free_port()
+    page = launch(server, (16, 16), port=port, max_upload_mb=0.01, block=False, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert page.server_name == "127.0.0.1"
+        html = httpx.get(url + "/", timeout=30).text
+        assert "PersonaLive online" in html
+        upload = url + "/gradio_api/upload"
+        small = httpx.post(upload, files={"files": ("small.png", b"x" * 1000)}, timeout=30)
+        assert small.status_code == 200
+        big = httpx.post(upload, files={"files": ("big.png", b"x" * 50_000)}, timeout=30)  # > 0.01 MB
+        assert big.status_code == 413
+    finally:
+        page.close()
+        server.shutdown()
