@@ -126,14 +126,16 @@ def start_webcam(page) -> None:
 
 
 def upload(page, component: str, path: Path) -> None:
-    """Upload `path` the way a user does: (remove the previous file,) click the upload area, pick the file."""
+    """Upload `path` the way a user does: (remove the previous file,) click the upload area, pick the file, and
+    wait until the upload is done (a click on Fuse before that would send no file)."""
     clear = page.locator(f"{component} .icon-button-wrapper button[aria-label='Clear']")  # not the error badge's
     if clear.count():
         clear.click()
     with page.expect_file_chooser() as chooser:
         page.locator(component).get_by_text("Click to Upload").click()
     chooser.value.set_files(str(path))
-    page.wait_for_selector(f"{component} >> text={path.name}")
+    page.wait_for_selector(f"{component} >> text={path.name}")  # shown at once, while "Uploading 1 file..."
+    page.wait_for_function("sel => !document.querySelector(sel).innerText.includes('Uploading')", arg=component)
 
 
 def test_webcam_stream_latency_and_a_second_tab_waiting_for_the_slot(browser, app_url, tmp_path):
