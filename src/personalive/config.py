@@ -219,3 +219,113 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"bad config ({path or 'defaults'}): {first}") from e
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training (`configs/train/*.yaml`, `python train.py`): the run config above (model sizes, window, scheduler) plus
+# what a training run needs. A training config is therefore also a valid inference config for the same models.
+
+
+@dataclass
+class DataConfig:
+    """How samples are cut from the talking-head videos in `data_dir` (see `personalive.training.data`)."""
+
+    cache_dir: Optional[str] = None  # cache of tools/prepare_data.py; default <data_dir>/.personalive_cache
+    use_cache: bool = True  # read the cache where it exists and is up to date (else keypoints are computed per step)
+    extensions: list[str] = field(default_factory=lambda: [".mp4"])
+    frames_per_sample: int = 1  # stages 1-2: target frames per reference (random frames of the same video)
+    frame_stride: int = 1  # stage 3: take every n-th frame of the video for a clip
+    max_frames: int = 0  # sample only the first n frames of each video (0: all); frames are decoded sequentially
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and a diffusers learning-rate schedule (`diffusers.optimization.get_scheduler` names)."""
+
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine | ...
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2 (fewer-step appearance distillation): optional LPIPS perceptual loss on the decoded clean prediction.
+
+    LPIPS needs two local files (nothing is downloaded): torchvision's VGG16 weights and the LPIPS v0.1 linear
+    layers for VGG (`lpips` package, weights/v0.1/vgg.pth). When either is missing the loss is L2 only."""
+
+    perceptual_weight: float = 1.0  # 0 turns the perceptual loss off
+    lpips_backbone: str = "pretrained_weights/eval/vgg16-397923af.pth"
+    lpips_linear: str = "pretrained_weights/eval/lpips_vgg_v0.1.pth"
+
+
+@dataclass
+class SlidingConfig:
+    """Stage 3 (sliding training): how the streaming window is simulated (see `personalive.training.stages`)."""
+
+    rollout_steps: int = 3  # gradient-free window steps before the trained one (>= chunks - 1: all model outputs)
+    keyframe_prob: float = 0.25  # chance per sample that the frame leaving at the last rollout step becomes a keyframe
+
+
+@dataclass
+class TrainConfig(PersonaLiveConfig):
+    """A training run. `weights_dir` gives the network configs and the frozen networks; `init_from` a previous
+    stage's output. `seed` seeds the data order and every training-step generator; `dtype` is the frozen networks'
+    dtype (fp32, or the `mixed_precision` dtype); trained networks stay fp32 (accelerate autocasts)."""
+
+    stage: int = 1  # 1: hybrid motion | 2: fewer-step appearance distillation | 3: sliding temporal training
+    dtype: str = "fp32"  # the frozen networks' dtype: fp32, or the mixed_precision dtype
+    data_dir: str = "data/videos"
+    output_dir: str = "outputs/train"
+    init_from: Optional[str] = None  # a weights folder with every network (a previous stage's `final`/checkpoint)
+    trainable_modules: Optional[list[str]] = None  # official file names; None: the stage's default
+    train_batch_size: int = 1  # per process; stage 3 streams one clip at a time (1)
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000  # optimizer steps
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: Optional[int] = None  # keep only the newest n checkpoint-<step> folders
+    resume_from_checkpoint: Optional[str] = "latest"  # latest (if any) | a checkpoint folder | null (start over)
+    save_dtype: str = "fp32"  # dtype of the personalive/*.pth files written (official release: fp16)
+    log_every: int = 1  # console log every n steps (metrics.jsonl and trackers get every step)
+    report_to: str = "tensorboard"  # tensorboard (when installed) | none
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sliding: SlidingConfig = field(default_factory=SlidingConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        precisions = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
+        check = {
+            "stage": (self.stage, {1, 2, 3}),
+            "mixed_precision": (self.mixed_precision, set(precisions)),
+            "save_dtype": (self.save_dtype, {"fp32", "fp16", "bf16"}),
+            "report_to": (self.report_to, {"tensorboard", "none"}),
+            "device": (self.device, {"auto", "cpu"}),
+        }
+        for key, (value, allowed) in check.items():
+            if value not in allowed:
+                hint = "; GPUs are chosen by `accelerate launch`/CUDA_VISIBLE_DEVICES" if key == "device" else ""
+                raise ConfigError(f"{key}={value!r} is not supported; use one of {sorted(allowed, key=str)}{hint}")
+        if self.dtype not in ("fp32", precisions[self.mixed_precision]):
+            raise ConfigError(f"dtype={self.dtype} (frozen networks) needs mixed_precision={self.dtype}; "
+                              f"use dtype=fp32 or dtype={precisions[self.mixed_precision]}")
+        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                    "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be at least 1")
+        if self.stage == 3 and self.train_batch_size != 1:
+            raise ConfigError(f"train_batch_size={self.train_batch_size}: stage 3 streams one clip per process "
+                              "(as inference); use 1 and gradient_accumulation_steps for a larger batch")
+        if self.data.frames_per_sample < 1 or self.data.frame_stride < 1 or self.data.max_frames < 0:
+            raise ConfigError("data.frames_per_sample and data.frame_stride must be >= 1, data.max_frames >= 0")
+        if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
+            raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

@@ -212,3 +212,61 @@ def perturb_zero_init(models: PersonaLiveModels, std: float = 0.02) -> None:
             for name, param in model.named_parameters():
                 if any(f".{n}." in f".{name}" for n in names) and not param.any():
                     param.normal_(0.0, std)
+
+
+def _load_strict(model: torch.nn.Module, state: dict, net: str, path: Path) -> None:
+    """Load `state` into `model` after a key/shape check that names `path` (CheckpointError on any problem)."""
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    problems = check_keys(net, state, expected, path)
+    if problems:
+        more = "" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"
+        raise CheckpointError(problems[0] + more)
+    model.load_state_dict(state, strict=True)
+
+
+def load_network(cfg: PersonaLiveConfig, name: str, weights_dir: str | Path | None = None) -> torch.nn.Module:
+    """One network (`motion_extractor`, `vae`, ... as in OFFICIAL_FILES, not the denoising UNet's two files) from
+    `weights_dir` (default cfg.weights_dir), strictly, fp32 on the CPU, in eval mode."""
+    weights_dir = resolve_path(weights_dir or cfg.weights_dir)
+    if OFFICIAL_FILES.get(name, ("", ""))[1] != "all":
+        raise ValueError(f"load_network() loads single-file networks, not {name!r}")
+    with init_empty_weights():
+        model = getattr(build_models(cfg, network_configs(weights_dir)), name)
+    path = find_weight_file(weights_dir, name)
+    state = from_official(name, load_state_dict(path))
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    problems = check_keys(name, state, expected, path)
+    if problems:
+        raise CheckpointError(problems[0])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True,
+                          assign=True)
+    return cast_model(model, "cpu", torch.float32).eval()
+
+
+def init_training_models(cfg: PersonaLiveConfig) -> PersonaLiveModels:
+    """The start of training (paper stage 1), fp32 on the CPU: "load what exists, initialise the rest".
+
+    Both UNets take the SD image-variations UNet weights (`base_unet`) key for key (the reference UNet minus its
+    output head; the denoising UNet's 2-D layers); the motion extractor (LivePortrait), VAE and CLIP encoder load
+    from their files in cfg.weights_dir. The motion and temporal modules (zero `proj_out`), PoseGuider (zero
+    output conv) and motion encoder keep their constructors' initialisation. Seed the global RNG first for a
+    reproducible start.
+    """
+    weights_dir = resolve_path(cfg.weights_dir)
+    models = build_models(cfg, network_configs(weights_dir))
+    base_path = find_weight_file(weights_dir, "base_unet")
+    base = load_state_dict(base_path)
+    logger.info("read %s: %d tensors (SD UNet -> reference and denoising UNets)", base_path, len(base))
+    ref_state = {k: v for k, v in base.items() if not k.startswith(("conv_norm_out.", "conv_out."))}
+    _load_strict(models.reference_unet, ref_state, "reference_unet", base_path)
+    full = models.denoising_unet.state_dict()
+    two_d = {k for k in full if "_modules." not in k}  # everything but motion_modules / temporal_modules
+    problems = check_keys("denoising_unet (2-D part)", base, {k: list(full[k].shape) for k in two_d}, base_path)
+    if problems:
+        raise CheckpointError(problems[0])
+    _load_strict(models.denoising_unet, {**full, **base}, "denoising_unet", base_path)
+    for name in ("motion_extractor", "vae", "image_encoder"):
+        path = find_weight_file(weights_dir, name)
+        _load_strict(getattr(models, name), from_official(name, load_state_dict(path)), name, path)
+        logger.info("read %s", path)
+    return models.to("cpu", torch.float32)
