@@ -1,0 +1,66 @@
+"""Helpers of the training tests: synthetic talking-head videos and tiny training configs."""
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+from personalive.config import TrainConfig, load_config
+from personalive.io.video import VideoWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def face_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """`n` uint8 frames (n, size, size, 3) of a drawn "face" (skin ellipse, eyes, mouth) that moves and talks."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(30, 200, 3)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    frames = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        phase = 2 * np.pi * i / n
+        cx, cy = size / 2 + 4 * np.sin(phase + seed), size / 2 + 3 * np.cos(phase)
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = background
+        face = ((xx - cx) / (size * 0.28)) ** 2 + ((yy - cy) / (size * 0.36)) ** 2 <= 1
+        img[face] = (224, 172, 140)
+        for ex in (cx - size * 0.11, cx + size * 0.11):  # eyes
+            img[(xx - ex) ** 2 + (yy - (cy - size * 0.08)) ** 2 <= (size * 0.04) ** 2] = (40, 30, 30)
+        mouth = (abs(xx - cx) <= size * 0.1) & (abs(yy - (cy + size * 0.15)) <= 1 + 2 * abs(np.sin(3 * phase)))
+        img[mouth] = (150, 40, 50)
+        frames[i] = img.astype(np.uint8)
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
+    with VideoWriter(path, fps) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
+
+
+def write_empty_video(path: Path) -> Path:
+    """An MP4 with a video stream and no frame at all."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()  # write the header: a valid file with no frame
+    return path
+
+
+def write_dataset(folder: Path) -> Path:
+    """Three 32-frame 64x64 synthetic talking-head videos (one in a sub-folder)."""
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    for i, rel in enumerate(["a.mp4", "b.mp4", "sub/c.mp4"]):
+        write_video(folder / rel, face_frames(32, seed=i))
+    return folder
+
+
+def train_cfg(stage: int, weights: Path, data: Path, out: Path, *overrides: str, init_from: Path | None = None
+              ) -> TrainConfig:
+    """A tiny config of `stage` on the tiny random weights (stages 2-3 start from `init_from`, default them too)."""
+    extra = [f"init_from={init_from or weights}"] if stage > 1 else []
+    return load_config(ROOT / f"configs/train/tiny_stage{stage}.yaml",
+                       [f"weights_dir={weights}", f"data_dir={data}", f"output_dir={out}", *extra, *overrides],
+                       schema=TrainConfig)

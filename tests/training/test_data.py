@@ -1,0 +1,130 @@
+"""Training data: sample shapes and determinism, data order, bad videos skipped by name, the keypoint cache."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from synthetic import ROOT, face_frames, train_cfg, write_empty_video, write_video
+
+from personalive.errors import VideoReadError
+from personalive.io.faces import mediapipe_available
+from personalive.training.data import (
+    EpochSampler,
+    build_dataset,
+    motion_input,
+    pack_motion,
+    scan_videos,
+)
+from personalive.weights import load_network
+
+
+def run_prepare(argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_items_have_documented_shapes_and_are_deterministic(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(1, tiny_weights, video_dir, tmp_path)
+    ds = build_dataset(cfg, num_frames=2, contiguous=False, clip_size=32)
+    assert len(ds) == 3
+    item = ds[4]
+    shapes = {k: tuple(v.shape) for k, v in item.items()}
+    assert shapes == {"key": (), "ref_clip": (3, 32, 32), "ref_image": (3, 64, 64), "ref_pose": (3, 64, 64),
+                      "frames": (2, 3, 64, 64), "cached": (), "ref_motion": (265,), "motion": (2, 265),
+                      "face_boxes": (2, 4)}
+    assert -1 <= item["frames"].min() < item["frames"].max() <= 1
+    assert 0 <= item["ref_pose"].min() and item["ref_pose"].max() <= 1
+    assert int(item["key"]) == 4 and not item["cached"] and (item["face_boxes"] == -1).all()
+    again = ds[4]
+    assert all(torch.equal(item[k], again[k]) for k in item)  # a key is a sample
+    assert not torch.equal(ds[7]["frames"], item["frames"])  # same video (7 % 3 == 4 % 3), other frames
+
+
+def test_clips_are_consecutive_frames(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path, "data.frame_stride=2")
+    ds = build_dataset(cfg, num_frames=8, contiguous=True, clip_size=32)
+    ref, targets = ds.frame_indices(ds.videos[0], 11)
+    assert np.diff(targets).tolist() == [2] * 7 and targets[-1] < 32 and 0 <= ref < 32
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(5, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(5)) and first == list(EpochSampler(5, seed=3))
+    sampler.set_epoch(2)
+    second = list(sampler)
+    assert sorted(second) == list(range(10, 15)) and [k - 10 for k in second] != first
+
+
+def test_bad_videos_are_skipped_with_their_names(tiny_weights, video_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(video_dir / "a.mp4", data / "good.mp4")
+    (data / "corrupt.mp4").write_bytes(b"\x00\x01not a video" * 100)
+    write_empty_video(data / "empty.mp4")
+    write_video(data / "short.mp4", face_frames(6, seed=5))
+    cfg = train_cfg(3, tiny_weights, data, tmp_path / "out")  # stage 3 clips need 28 frames
+    with caplog.at_level(logging.WARNING):
+        videos = scan_videos(cfg, min_frames=28)
+    assert [v.path.name for v in videos] == ["good.mp4"]
+    for name in ("corrupt.mp4", "empty.mp4", "short.mp4"):
+        assert f"skipping {data / name}" in caplog.text
+
+
+def test_a_video_failing_during_the_run_is_replaced(tiny_weights, video_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(video_dir, data)
+    cfg = train_cfg(1, tiny_weights, data, tmp_path / "out")
+    ds = build_dataset(cfg, num_frames=1, contiguous=False, clip_size=32)
+    (data / "a.mp4").write_bytes(b"broken after the scan")
+    with caplog.at_level(logging.WARNING):
+        item = ds[0]  # key 0 -> a.mp4, which now fails: the next video stands in
+    assert f"skipping {data / 'a.mp4'}" in caplog.text and item["frames"].shape == (1, 3, 64, 64)
+
+
+def test_no_usable_video_is_one_clear_error(tiny_weights, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(VideoReadError, match="no usable video"):
+        scan_videos(train_cfg(1, tiny_weights, tmp_path / "data", tmp_path / "out"), 1)
+
+
+def test_prepare_data_cache_equals_the_keypoints_of_training(tiny_weights, video_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(video_dir, data)
+    config = str(ROOT / "configs/train/tiny_stage1.yaml")
+    assert run_prepare(["--config", config, "--data_dir", str(data), f"weights_dir={tiny_weights}"]) == 0
+    assert (data / ".personalive_cache/sub/c.mp4.npz").is_file()
+    cfg = train_cfg(1, tiny_weights, data, tmp_path / "out")
+    ds = build_dataset(cfg, num_frames=2, contiguous=False, clip_size=32)
+    assert all(v.cache is not None for v in ds.videos)
+    item = ds[1]
+    assert item["cached"] and (item["face_boxes"] == -1).all()
+    extractor = load_network(cfg, "motion_extractor")
+    with torch.no_grad():
+        fresh = pack_motion(extractor(motion_input(item["frames"], 64)))
+    torch.testing.assert_close(item["motion"], fresh, rtol=1e-4, atol=1e-5)
+    # a changed video makes its cache stale: it is ignored, not trusted
+    write_video(data / "a.mp4", face_frames(40, seed=9))
+    assert [v.cache is None for v in scan_videos(cfg, 1)] == [True, False, False]
+
+
+@pytest.mark.skipif(not mediapipe_available(), reason="mediapipe is not installed")
+def test_prepare_data_with_mediapipe_records_a_faceless_video(tiny_weights, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_video(data / "blank.mp4", np.full((8, 64, 64, 3), 90, np.uint8))
+    config = str(ROOT / "configs/train/tiny_stage1.yaml")
+    with caplog.at_level(logging.WARNING):
+        code = run_prepare(["--config", config, "--data_dir", str(data), "--detector", "mediapipe",
+                            f"weights_dir={tiny_weights}"])
+    assert code == 0 and f"skipping {data / 'blank.mp4'}: no face found" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(VideoReadError, match="no usable video"):
+        scan_videos(train_cfg(1, tiny_weights, data, tmp_path / "out"), 1)
+    assert f"skipping {data / 'blank.mp4'}: no face found" in caplog.text
