@@ -1,0 +1,302 @@
+"""The training loop on accelerate: one function, `train(cfg)`, for every stage, one process or many.
+
+Distribution, mixed precision, gradient accumulation and checkpointing are accelerate's (`prepare`, `accumulate`,
+`save_state`/`load_state`); launch several GPUs or machines with `accelerate launch train.py --config ...`.
+
+Outputs under `output_dir`:
+- `checkpoint-<step>/`: accelerate's full state (trained networks, optimizer, LR schedule, scaler, RNG) for resume,
+  `training_state.json`, and a complete weights folder in the official layout (`personalive/*.pth`, the VAE and
+  CLIP files, the diffusers/transformers `config.json` folders) with the resolved `config.yaml`, so that
+  `weights_dir=<checkpoint>` works for inference and `init_from=<checkpoint>` for the next stage;
+- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, sample keys);
+  `logs/`: tensorboard events when tensorboard is installed.
+Every folder is written under a temporary name and renamed when complete.
+
+Resume: `resume_from_checkpoint=latest` (the default) continues from the newest checkpoint at the same step. The
+data order is a function of (seed, epoch) and every step's randomness comes from a generator seeded with (seed,
+micro-step, process), so the resumed run sees the same next batch and draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, is_tensorboard_available
+from diffusers.optimization import get_scheduler
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from personalive.config import TrainConfig, resolve_path
+from personalive.errors import ConfigError, WeightsNotFoundError
+from personalive.io.checkpoints import find_weight_file
+from personalive.models import cast_model
+from personalive.training.data import EpochSampler, build_dataset
+from personalive.training.losses import load_perceptual
+from personalive.training.stages import build_stage, clip_frames, trainable_modules
+from personalive.weights import (
+    OFFICIAL_FILES,
+    PersonaLiveModels,
+    init_training_models,
+    load_models,
+    network_configs,
+    save_models,
+)
+
+logger = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PERSONALIVE_FILES = tuple(f for f in OFFICIAL_FILES if f not in ("vae", "image_encoder"))
+STATE_FILE = "training_state.json"
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one training stage of `cfg`; returns the `final` weights folder."""
+    output_dir = Path(cfg.output_dir)
+    source = _check_inputs(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False),  # steps = micro-steps / n
+        log_with="tensorboard" if cfg.report_to == "tensorboard" and is_tensorboard_available() else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        cpu=cfg.device == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # e.g. the reference
+    )                                                                                 # UNet's unused last layers
+    if cfg.report_to == "tensorboard" and accelerator.log_with == []:
+        logger.info("tensorboard is not installed: logging to the console and metrics.jsonl only")
+    device, frozen_dtype = accelerator.device, DTYPES[cfg.dtype]
+    logger.info("stage %d on %s (%d process(es), mixed precision %s), training %s", cfg.stage, device,
+                accelerator.num_processes, cfg.mixed_precision, ", ".join(trainable_modules(cfg)))
+
+    # networks: trained ones in fp32 (accelerate autocasts), frozen ones in cfg.dtype
+    torch.manual_seed(cfg.seed)  # the constructors' initialisation of networks that start from scratch
+    models = init_training_models(cfg) if cfg.init_from is None else load_models(
+        _with_weights(cfg, cfg.init_from), "cpu", torch.float32)
+    trained = {OFFICIAL_FILES[f][0] for f in trainable_modules(cfg)}
+    for name, model in models.items():
+        cast_model(model, device, torch.float32 if name in trained else frozen_dtype)
+    lpips = load_perceptual(cfg.distill) if cfg.stage == 2 else None
+    if lpips is not None:
+        lpips.to(device)
+    stage = build_stage(models, cfg, lpips)
+    params = [p for p in stage.parameters() if p.requires_grad]
+    logger.info("%.2f M trainable parameters", sum(p.numel() for p in params) / 1e6)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                  weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
+    n = accelerator.num_processes  # the prepared scheduler steps once per process and step
+    lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * n,
+                                 num_training_steps=cfg.max_train_steps * n)
+
+    num_frames, contiguous = clip_frames(cfg)
+    dataset = build_dataset(cfg, num_frames, contiguous, models.image_encoder.config.image_size)
+    dataloader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
+                            num_workers=cfg.data.num_workers, drop_last=True)
+    stage, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage, optimizer, dataloader, lr_scheduler)
+    if len(dataloader) == 0:
+        raise ConfigError(f"{len(dataset)} usable videos cannot fill one batch of train_batch_size="
+                          f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos or lower it")
+
+    global_step = 0
+    resume = _resume_checkpoint(cfg, output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+        logger.info("resumed from %s at step %d", resume, global_step)
+    metrics = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics, global_step)
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(f"personalive_stage{cfg.stage}", config={
+            "stage": cfg.stage, "learning_rate": o.learning_rate, "train_batch_size": cfg.train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "max_train_steps": cfg.max_train_steps})
+
+    configs, accum = network_configs(source), cfg.gradient_accumulation_steps
+    micro = global_step * accum  # micro-batches consumed so far (per process)
+    epoch, skip = divmod(micro, len(dataloader))
+    saved_step = global_step if resume is not None else -1
+    logs: dict[str, float] = {}
+    keys: list[int] = []
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"stage {cfg.stage}", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < cfg.max_train_steps:
+        dataloader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        skip = 0
+        for batch in loader:
+            generator = step_generator(cfg.seed, micro, accelerator.process_index, device)
+            with accelerator.accumulate(stage):
+                out = stage(batch, generator)
+                accelerator.backward(out["loss"])
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            for key, value in out.items():  # mean over processes and micro-batches of this step
+                mean = accelerator.gather(value.detach().float().reshape(1)).mean().item()
+                logs[key] = logs.get(key, 0.0) + mean / accum
+            keys += accelerator.gather(batch["key"]).tolist()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if not all(math.isfinite(v) for v in logs.values()):
+                logger.warning("step %d: non-finite %s", global_step, logs)
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                with metrics.open("a") as f:
+                    f.write(json.dumps({"step": global_step, **logs, "keys": keys}) + "\n")
+            if global_step % cfg.log_every == 0:
+                logger.info("step %d: %s", global_step, " ".join(f"{k}={v:.6g}" for k, v in logs.items()))
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.2e}")
+            logs, keys = {}, []
+            if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
+                save_checkpoint(accelerator, models, cfg, configs, source, global_step)
+                saved_step = global_step
+            if global_step >= cfg.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+    if saved_step != global_step:
+        save_checkpoint(accelerator, models, cfg, configs, source, global_step)
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        _atomic_dir(final, lambda tmp: write_weights(models, cfg, configs, source, tmp))
+        logger.info("wrote %s (weights_dir=%s works for inference, init_from=%s for the next stage)", final, final,
+                    final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def step_generator(seed: int, micro_step: int, process: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-step of one process: its noise, timesteps and coin flips, identical on resume."""
+    state = int(np.random.SeedSequence([seed, micro_step, process]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device).manual_seed(state)
+
+
+def write_weights(models: PersonaLiveModels, cfg: TrainConfig, configs: dict, source: Path, out_dir: Path) -> None:
+    """A complete weights folder in the official layout: the six `personalive/*.pth` files and the network configs
+    from memory (in cfg.save_dtype); VAE and CLIP hard-linked (else copied) from `source` unless they were trained;
+    plus the resolved `config.yaml`."""
+    trained = set(trainable_modules(cfg))
+    files = PERSONALIVE_FILES + tuple(f for f in ("vae", "image_encoder") if f in trained)
+    save_models(models, out_dir, configs, DTYPES[cfg.save_dtype], files)
+    for name in ("vae", "image_encoder"):
+        if name in trained:
+            continue
+        src = find_weight_file(source, name)
+        dst = out_dir / src.relative_to(source)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src.resolve(), dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, dst)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def save_checkpoint(accelerator: Accelerator, models: PersonaLiveModels, cfg: TrainConfig, configs: dict,
+                    source: Path, step: int) -> Path:
+    """`output_dir/checkpoint-<step>`: accelerate state + weights folder, renamed into place when complete."""
+    output_dir = Path(cfg.output_dir)
+    out, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_weights(models, cfg, configs, source, tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "stage": cfg.stage}) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        logger.info("saved %s", out)
+        if cfg.checkpoints_total_limit is not None:
+            for old in _checkpoints(output_dir)[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old)
+                logger.info("removed %s (checkpoints_total_limit=%d)", old, cfg.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(cfg: TrainConfig) -> Path:
+    """Fail before any work: the data folder, the weights the run starts from. Returns the folder of the VAE/CLIP."""
+    if not resolve_path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data_dir={cfg.data_dir} is not a folder; set data_dir=<folder of talking-head videos>")
+    source = resolve_path(cfg.init_from or cfg.weights_dir)
+    if cfg.init_from is not None and not source.is_dir():
+        raise WeightsNotFoundError(f"init_from={cfg.init_from} not found; pass the previous stage's output "
+                                   "(<output_dir>/final or a checkpoint-<step> folder)")
+    needed = OFFICIAL_FILES if cfg.init_from else ("base_unet", "motion_extractor", "vae", "image_encoder")
+    for name in needed:
+        find_weight_file(source, name)  # WeightsNotFoundError names the file and how to get it
+    network_configs(source)
+    return source
+
+
+def _with_weights(cfg: TrainConfig, weights_dir: str) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, weights_dir=str(resolve_path(weights_dir)))
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete `checkpoint-<step>` folders, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _resume_checkpoint(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    if cfg.resume_from_checkpoint is None:
+        if _checkpoints(output_dir):
+            logger.warning("%s has checkpoints but resume_from_checkpoint=null: starting over, they will be "
+                           "overwritten", output_dir)
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = _checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume_from_checkpoint)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from_checkpoint={path} is not a checkpoint folder (no {STATE_FILE}); use latest, "
+                          "null or an <output_dir>/checkpoint-<step> folder")
+    return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps <= `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _atomic_dir(out: Path, write) -> None:
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,307 @@
+"""The three training stages of the paper: what each trains and freezes, and the loss of one batch.
+
+Every stage is an `nn.Module` whose submodules are exactly the networks it trains (what accelerate prepares, wraps
+for DDP and checkpoints); the frozen networks are held aside in inference mode. `forward(batch, generator)`
+returns a dict with `loss` (and logged extras); all randomness comes from `generator`.
+
+Conditions are made as the streaming engine makes them: the frozen motion extractor (or the data cache) gives the
+keypoints of every target frame; face boxes come from the target's own keypoints (`keypoints.face_boxes`, or a
+cached MediaPipe box) and `keypoints.crop_faces` cuts the motion encoder's input; the pose canvas draws the
+target's keypoints retargeted onto the reference (`keypoints.retarget`: the target's rotation, the reference's
+canonical keypoints and scale) with the reference as translation origin and gain 1, so the canvas puts the head
+where the target frame has it (inference uses the first driving frame as origin and gain 0.5 because the driver is
+another person). The reference goes through CLIP, the VAE (posterior mean, x 0.18215) and the reference UNet at
+t = 0, whose self-attention inputs fill the `ReferenceBank` read by the denoising UNet.
+
+1. `HybridMotionStage` (image-level hybrid motion training): targets are single frames; noise at a uniform
+   timestep in [0, 1000), epsilon loss; the denoising UNet runs without its temporal modules.
+2. `DistillationStage` (fewer-step appearance distillation): the 4-step schedule [999, 666, 333, 0] of inference,
+   starting like a streaming chunk from the reference latent noised to t = 999. A number of steps k in 1..4 is
+   drawn per batch; steps 1..k-1 run without gradients, step k with them; the loss is L2 between its predicted
+   clean latent and the target latent, plus LPIPS on the decoded prediction when its weights are present.
+3. `SlidingStage` (sliding training of the temporal module): a clip of (chunks + rollout_steps) micro-chunks. The
+   window starts as the first chunks - 1 ground-truth chunks noised to the staggered timesteps [0, 333, 666]; then
+   `rollout_steps` gradient-free steps of the inference `StreamStep` slide it over the clip exactly as streaming
+   does (a new chunk enters as the reference latent noised to t = 999, every chunk advances one DDIM step, the
+   oldest leaves), so that the window holds the model's own outputs; with probability `keyframe_prob` the frame
+   leaving at the last rollout step becomes a historical keyframe (reference UNet on its predicted clean latent,
+   `ReferenceBank.add_keyframe`). The next step runs with gradients: the denoising UNet, temporal modules on, on
+   the 16-frame window at the per-frame timesteps of inference, and the loss is L2 between every frame's predicted
+   clean latent and its ground-truth latent. Not simulated: the ramp from the reference pose that starts a stream,
+   and the motion-distance keyframe rule (both need tens of steps per sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from personalive import keypoints as kp
+from personalive.config import TrainConfig
+from personalive.errors import ConfigError
+from personalive.pipelines.stream import VAE_SCALE, StreamEngine
+from personalive.training.data import motion_input, unpack_motion
+from personalive.training.losses import LPIPS, mse
+from personalive.weights import OFFICIAL_FILES, PersonaLiveModels
+
+logger = logging.getLogger(__name__)
+
+# what each paper stage trains (official file names; "denoising_unet" = its 2-D layers and motion modules)
+STAGE_MODULES: dict[int, tuple[str, ...]] = {
+    1: ("reference_unet", "denoising_unet", "pose_guider", "motion_encoder"),
+    2: ("reference_unet", "denoising_unet"),
+    3: ("temporal_module",),
+}
+VAE_CHUNK = 8  # frames per VAE encoder call
+
+
+def trainable_modules(cfg: TrainConfig) -> tuple[str, ...]:
+    """`cfg.trainable_modules`, or the stage's default; unknown names are a ConfigError."""
+    names = tuple(cfg.trainable_modules) if cfg.trainable_modules is not None else STAGE_MODULES[cfg.stage]
+    allowed = [n for n in OFFICIAL_FILES if n != "motion_extractor"]
+    if "motion_extractor" in names:  # its outputs reach the model only as drawn keypoints and crop boxes
+        raise ConfigError("trainable_modules: the motion extractor cannot train (no gradient reaches it); remove it")
+    if not names or any(n not in allowed for n in names):
+        raise ConfigError(f"trainable_modules={list(names)}: use names among {allowed}")
+    return names
+
+
+def set_trainable(models: PersonaLiveModels, names: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Freeze every network (eval mode, no gradients), then let the parameters of `names` train; returns the
+    networks holding trainable parameters, in train mode."""
+    models.eval()
+    nets = {}
+    for file in names:
+        net, which = OFFICIAL_FILES[file]
+        model = getattr(models, net)
+        for name, param in model.named_parameters():
+            if which == "all" or (".temporal_modules." in f".{name}") == (which == "temporal"):
+                param.requires_grad_(True)
+        nets[net] = model.train()
+    return nets
+
+
+class TrainingStage(nn.Module):
+    """Base of the stages: the trained networks as submodules, the rest aside; shared condition making.
+
+    Args:
+        models: every network, already on the training device (trained ones in fp32, frozen ones in `cfg.dtype`).
+        cfg: the run config. lpips: the perceptual loss (stage 2), or None.
+    """
+
+    def __init__(self, models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None):
+        super().__init__()
+        self.trainable = trainable_modules(cfg)
+        self.nets = nn.ModuleDict(set_trainable(models, self.trainable))
+        self.models, self.cfg = models, cfg  # a dataclass, not a submodule: frozen networks stay out of DDP
+        self.engine = StreamEngine(models, cfg)  # installs reference attention; its bank, scheduler and timesteps
+        self.bank, self.scheduler = self.engine.bank, self.engine.scheduler
+        self.temporal = cfg.stage == 3 or "temporal_module" in self.trainable
+        self.__dict__["lpips"] = lpips  # frozen, not checkpointed
+        if cfg.gradient_checkpointing:
+            for name in ("reference_unet", "denoising_unet"):
+                if name in self.nets:
+                    self.nets[name].enable_gradient_checkpointing()
+
+    def trains(self, net: str) -> bool:
+        return net in self.nets and any(p.requires_grad for p in self.nets[net].parameters())
+
+    def grad(self, net: str) -> contextlib.AbstractContextManager:
+        return torch.set_grad_enabled(torch.is_grad_enabled() and self.trains(net))
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.denoising_unet.device
+
+    # ----------------------------------------------------------------------------------------------------------
+    def reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP embeddings (b, 1, d) and VAE latents (b, 4, h, w) of the references; fills the bank (reference
+        UNet at t = 0, with gradients when it trains)."""
+        m = self.models
+        with self.grad("image_encoder"):
+            clip = m.image_encoder(batch["ref_clip"].to(m.image_encoder.dtype)).image_embeds.unsqueeze(1)
+        latents = self.encode(batch["ref_image"][:, None])[:, :, 0]  # (b, 4, h, w)
+        self.bank.clear()
+        self.reference_pass(latents, clip)
+        self.bank.set_reference()
+        return clip, latents
+
+    def reference_pass(self, latents: torch.Tensor, clip: torch.Tensor) -> None:
+        """Reference UNet on latents (b, 4, h, w) at t = 0: writes the bank (then set_reference/add_keyframe)."""
+        unet = self.models.reference_unet
+        with self.grad("reference_unet"):
+            t = torch.zeros(latents.shape[0], device=latents.device)
+            unet(latents.to(unet.dtype), t, encoder_hidden_states=clip, return_dict=False)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames (b, f, 3, H, W) in [-1, 1] -> scaled VAE latents (b, 4, f, h, w) (posterior mean, as inference)."""
+        vae = self.models.vae
+        flat = rearrange(frames, "b f c h w -> (b f) c h w").to(vae.dtype)
+        with self.grad("vae"):
+            z = torch.cat([vae.encode(x).latent_dist.mean for x in flat.split(VAE_CHUNK)]) * VAE_SCALE
+        return rearrange(z, "(b f) c h w -> b c f h w", f=frames.shape[1]).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (b, 4, f, h, w) -> images ((b f), 3, H, W), about [-1, 1] (gradients flow to the latents)."""
+        vae = self.models.vae
+        return vae.decode(rearrange(latents, "b c f h w -> (b f) c h w").to(vae.dtype) / VAE_SCALE).sample
+
+    def conditions(self, batch: dict, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Face crops (b, 3, f, s, s) in [-1, 1] and pose canvases (b, 3, f, H, W) in [0, 1] of frames
+        (b, f, 3, H, W) in [-1, 1]."""
+        m, cfg = self.models, self.cfg
+        me = m.motion_extractor.config
+        b, f, _, height, width = frames.shape
+        flat = rearrange(frames, "b f c h w -> (b f) c h w")
+        with torch.no_grad():  # keypoints, boxes and canvases are data: no gradients
+            if bool(batch["cached"].all()):
+                driving = unpack_motion(rearrange(batch["motion"], "b f d -> (b f) d"), me.num_bins, me.num_kp)
+                ref = unpack_motion(batch["ref_motion"], me.num_bins, me.num_kp)
+            else:
+                dtype = m.motion_extractor.dtype
+                driving = m.motion_extractor(motion_input(flat, me.input_size).to(dtype))
+                ref = m.motion_extractor(batch["ref_pose"].to(dtype))
+            ref = {k: v.repeat_interleave(f, dim=0) for k, v in ref.items()}  # one row per target frame
+            boxes = kp.face_boxes(kp.transform_keypoints(driving), height, width)  # (b f, 4): own keypoints
+            cached = rearrange(batch["face_boxes"], "b f k -> (b f) k")
+            scale = torch.tensor([width, height, width, height], device=cached.device)
+            boxes = torch.where(cached[:, :1] >= 0, (cached * scale).long(), boxes)
+            faces = kp.crop_faces(flat, boxes, m.motion_encoder.config.image_size)
+            posed = kp.transform_keypoints(kp.retarget(ref, ref, driving, t_scale=1.0))
+            canvas = kp.draw_keypoints(posed, height, width)
+        faces, canvas = (rearrange(x, "(b f) c h w -> b c f h w", f=f) for x in (faces, canvas))
+        return faces, canvas
+
+    def motion_and_pose(self, faces: torch.Tensor, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Motion tokens (b, f, m, d) and PoseGuider features (b, c0, f, h, w), with gradients where trained."""
+        m = self.models
+        with self.grad("motion_encoder"):
+            motion = m.motion_encoder(faces)
+        with self.grad("pose_guider"):
+            pose = m.pose_guider(canvas)
+        return motion, pose
+
+    def noisy_reference(self, latents: torch.Tensor, frames: int, t: int, generator: torch.Generator) -> torch.Tensor:
+        """`frames` copies of the reference latents (b, 4, h, w) noised to timestep t -> (b, 4, frames, h, w), as a
+        streaming chunk enters the window."""
+        b, c, h, w = latents.shape
+        noise = randn((b, c, frames, h, w), generator)
+        copies = latents.unsqueeze(2).expand(-1, -1, frames, -1, -1)
+        return self.scheduler.add_noise(copies, noise, torch.full((1,), int(t), device=latents.device)).float()
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, clip: torch.Tensor, motion: torch.Tensor,
+             pose: torch.Tensor) -> torch.Tensor:
+        """Denoising UNet (b, 4, f, h, w) -> predicted noise, with gradients when any of its parameters train."""
+        with self.grad("denoising_unet"):
+            if torch.is_grad_enabled() and not latents.requires_grad:
+                # torch 2.13 (CPU) segfaults in the backward of a GroupNorm whose affine parameters need gradients
+                # but whose channels-last input does not (the first temporal module when only those train)
+                latents = latents.detach().requires_grad_()
+            return self.models.denoising_unet(latents, t, clip, motion, pose, temporal=self.temporal)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
+class HybridMotionStage(TrainingStage):
+    """Stage 1: image-level hybrid motion training, epsilon loss at a uniform timestep."""
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        frames = batch["frames"]  # (b, f, 3, H, W)
+        b, f = frames.shape[:2]
+        clip, _ = self.reference(batch)
+        motion, pose = self.motion_and_pose(*self.conditions(batch, frames))
+        latents = self.encode(frames)  # (b, 4, f, h, w)
+        noise = randn(tuple(latents.shape), generator)
+        steps = self.scheduler.ddim.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=generator, device=generator.device).repeat_interleave(f)
+        noisy = self.scheduler.add_noise(latents, noise, t)  # t in "(b f)" order
+        eps = self.unet(noisy, t, clip, motion, pose)
+        return {"loss": mse(eps, noise)}
+
+
+class DistillationStage(TrainingStage):
+    """Stage 2: fewer-step appearance distillation on the inference schedule, loss on the clean prediction."""
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        frames = batch["frames"]
+        b, f = frames.shape[:2]
+        clip, ref_latents = self.reference(batch)
+        motion, pose = self.motion_and_pose(*self.conditions(batch, frames))
+        target = self.encode(frames)
+        timesteps = self.cfg.timesteps  # [999, 666, 333, 0]
+        k = int(torch.randint(1, len(timesteps) + 1, (1,), generator=generator, device=generator.device))
+        x = self.noisy_reference(ref_latents, f, timesteps[0], generator)
+        for i, step in enumerate(timesteps[:k]):
+            t = torch.full((b * f,), step, device=x.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i == k - 1):  # only the last sampled step
+                eps = self.unet(x, t, clip, motion, pose)
+                x_prev, x0 = self.scheduler.step(eps, t, x)
+            x = x_prev
+        out = {"l2": mse(x0, target), "num_steps": torch.tensor(float(k), device=x.device)}
+        out["loss"] = out["l2"]
+        if self.lpips is not None:
+            flat = rearrange(frames, "b f c h w -> (b f) c h w")
+            out["lpips"] = self.lpips(self.decode(x0), flat.to(x0.dtype)).mean()
+            out["loss"] = out["loss"] + self.cfg.distill.perceptual_weight * out["lpips"]
+        return out
+
+
+class SlidingStage(TrainingStage):
+    """Stage 3: the streaming window simulated over a clip; loss on the window step that carries gradients."""
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        frames = batch["frames"]  # (1, L, 3, H, W)
+        length = clip_frames(self.cfg)[0]
+        if frames.shape[:2] != (1, length):
+            raise ValueError(f"expected (1, {length}, 3, H, W) clips, got {tuple(frames.shape)}")
+        w, rollout = self.cfg.temporal_window_size, self.cfg.sliding.rollout_steps
+        timesteps = self.engine.timesteps  # (F,): [0]*w + [333]*w + [666]*w + [999]*w
+        start = len(timesteps) - w  # frames already in the window before a step (12)
+        clip, ref_latents = self.reference(batch)
+        faces, canvas = self.conditions(batch, frames)
+        target = self.encode(frames)  # (1, 4, L, h, w)
+        keyframe = rollout > 0 and float(torch.rand((), generator=generator, device=generator.device)) < \
+            self.cfg.sliding.keyframe_prob
+        with torch.no_grad():
+            latents = self.scheduler.add_noise(target[:, :, :start], randn(tuple(target[:, :, :start].shape),
+                                                                          generator), timesteps[:start]).float()
+            motion, pose = self.motion_and_pose(faces[:, :, :start], canvas[:, :, :start])
+            for k in range(rollout):
+                new = slice(start + k * w, start + (k + 1) * w)
+                out = self.engine.step_module(latents, self.noisy_reference(ref_latents, w, timesteps[-1], generator),
+                                              clip, motion, faces[:, :, new], pose, canvas[:, :, new])
+                _, latents, motion, pose, _, x0_first = out
+                latents = latents.float()
+                if keyframe and k == rollout - 1:  # the frame that just left becomes a historical keyframe
+                    self.reference_pass(x0_first, clip)
+                    self.bank.add_keyframe()
+        new = slice(start + rollout * w, start + (rollout + 1) * w)
+        new_motion, new_pose = self.motion_and_pose(faces[:, :, new], canvas[:, :, new])
+        window = torch.cat([latents, self.noisy_reference(ref_latents, w, timesteps[-1], generator)], dim=2)
+        motion = torch.cat([motion, new_motion.to(motion.dtype)], dim=1)
+        pose = torch.cat([pose, new_pose.to(pose.dtype)], dim=2)
+        eps = self.unet(window, timesteps, clip, motion, pose)
+        _, x0 = self.scheduler.step(eps, timesteps, window)
+        truth = target[:, :, rollout * w: rollout * w + len(timesteps)]  # the window's frames, oldest chunk first
+        return {"loss": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
+
+
+STAGES: dict[int, type[TrainingStage]] = {1: HybridMotionStage, 2: DistillationStage, 3: SlidingStage}
+
+
+def build_stage(models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None) -> TrainingStage:
+    return STAGES[cfg.stage](models, cfg, lpips)
+
+
+def clip_frames(cfg: TrainConfig) -> tuple[int, bool]:
+    """(target frames per sample, contiguous clip?) that the stage's dataset must give. Stage 3: (chunks - 1) start
+    chunks + `rollout_steps` chunks + the trained step's new chunk."""
+    if cfg.stage == 3:
+        return (cfg.temporal_adaptive_step + cfg.sliding.rollout_steps) * cfg.temporal_window_size, True
+    return cfg.data.frames_per_sample, False

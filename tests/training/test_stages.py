@@ -1,0 +1,159 @@
+"""The three training stages at tiny size: a few steps with finite losses, overfitting one batch, what trains, the
+output folder as inference weights, and the stage-1 start from the SD UNet."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from synthetic import ROOT, train_cfg
+
+from personalive.config import TrainConfig, load_config
+from personalive.errors import ConfigError, WeightsNotFoundError
+from personalive.pipelines.stream import StreamEngine
+from personalive.training.data import build_dataset
+from personalive.training.losses import LPIPS
+from personalive.training.loop import step_generator, train
+from personalive.training.stages import build_stage, clip_frames, set_trainable, trainable_modules
+from personalive.weights import init_training_models, load_models
+
+
+def lpips_files(folder):
+    """Random LPIPS weights in the two official layouts (torchvision VGG16 + lpips linear layers)."""
+    torch.manual_seed(0)
+    state = LPIPS().state_dict()
+    backbone = {k: v for k, v in state.items() if k.startswith("features.")}
+    backbone["classifier.0.weight"] = torch.zeros(2, 2)  # a full torchvision file has a classifier: ignored
+    linear = {k: v.abs() for k, v in state.items() if k.startswith("lin")}
+    torch.save(backbone, folder / "vgg16.pth")
+    torch.save(linear, folder / "vgg.pth")
+    return [f"distill.lpips_backbone={folder / 'vgg16.pth'}", f"distill.lpips_linear={folder / 'vgg.pth'}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_weights, video_dir, tmp_path_factory):
+    """The three tiny stages for 2 steps each, chained as in the README: stage 2 starts from stage 1's `final`,
+    stage 3 from stage 2's (stage 1 asking for tensorboard, stage 2 with LPIPS, stage 3 always adding a keyframe)."""
+    out, previous = {}, None
+    for stage in (1, 2, 3):
+        folder = tmp_path_factory.mktemp(f"stage{stage}")
+        extra = {1: ["report_to=tensorboard"], 2: lpips_files(folder), 3: ["sliding.keyframe_prob=1.0"]}[stage]
+        cfg = train_cfg(stage, tiny_weights, video_dir, folder / "run", "max_train_steps=2", "checkpointing_steps=1",
+                        "checkpoints_total_limit=1", *extra, init_from=previous)
+        previous = train(cfg)
+        metrics = [json.loads(line) for line in (folder / "run/metrics.jsonl").read_text().splitlines()]
+        out[stage] = stage, previous, metrics
+    return out
+
+
+@pytest.fixture(params=[1, 2, 3])
+def run(request, runs):
+    return runs[request.param]
+
+
+def test_each_stage_runs_with_finite_losses(run):
+    stage, final, metrics = run
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+    if stage == 2:
+        assert all(m["lpips"] > 0 and 1 <= m["num_steps"] <= 4 for m in metrics)
+    if stage == 3:
+        assert all(m["keyframes"] == 1 for m in metrics)
+    checkpoints = sorted(p.name for p in final.parent.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"]  # checkpoints_total_limit=1
+    assert not list(final.parent.glob(".*partial"))
+
+
+def test_tensorboard_logs_when_installed(runs):
+    from accelerate.utils import is_tensorboard_available
+
+    events = list((runs[1][1].parent / "logs").rglob("events.out.tfevents.*"))
+    assert bool(events) == is_tensorboard_available()  # else console + metrics.jsonl only, and no error
+
+
+def test_output_is_a_weights_folder_the_engine_streams_with(run):
+    _, final, _ = run
+    names = sorted(p.name for p in (final / "personalive").iterdir())
+    assert names == [f"{n}.pth" for n in ("denoising_unet", "motion_encoder", "motion_extractor", "pose_guider",
+                                          "reference_unet", "temporal_module")]
+    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={final}"])
+    engine = StreamEngine(load_models(cfg), cfg)
+    engine.fuse_reference(Image.fromarray(np.full((64, 64, 3), 120, np.uint8)))
+    out = engine.step(torch.rand(4, 3, 64, 64) * 2 - 1)
+    assert out.shape == (4, 64, 64, 3) and torch.isfinite(out).all()
+    saved = load_config(final / "config.yaml", [], schema=TrainConfig)  # the resolved config, loadable as is
+    assert saved.height == 64 and saved.stage == run[0]
+
+
+def test_later_stages_start_from_the_previous_output_and_change_only_what_they_train(runs):
+    def files(stage):
+        return {p.stem: torch.load(p, weights_only=True) for p in (runs[stage][1] / "personalive").glob("*.pth")}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    one, two, three = files(1), files(2), files(3)
+    changed = {name for name in one if not same(one[name], two[name])}
+    assert changed == {"reference_unet", "denoising_unet"}  # stage 2's default trainable_modules
+    changed = {name for name in two if not same(two[name], three[name])}
+    assert changed == {"temporal_module"}  # stage 3: the temporal modules only
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_overfitting_one_batch_lowers_the_loss(stage, tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(stage, tiny_weights, video_dir, tmp_path, "sliding.rollout_steps=1", "sliding.keyframe_prob=0",
+                    "distill.perceptual_weight=0")
+    torch.manual_seed(0)
+    models = init_training_models(cfg) if stage == 1 else load_models(cfg)
+    net = build_stage(models, cfg)
+    frames, contiguous = clip_frames(cfg)
+    ds = build_dataset(cfg, frames, contiguous, models.image_encoder.config.image_size)
+    batch = torch.utils.data.default_collate([ds[0]])
+    lr = 1e-2 if stage == 3 else 1e-3  # stage 3 trains only the zero-initialised temporal output projections
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(6):
+        loss = net(batch, step_generator(0, 0, 0, torch.device("cpu")))["loss"]  # same noise every time
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_trainable_modules_select_what_trains(tiny_cfg, tiny_weights, video_dir, tmp_path):
+    models = load_models(tiny_cfg)
+    nets = set_trainable(models, ("temporal_module", "pose_guider"))
+    assert set(nets) == {"denoising_unet", "pose_guider"}
+    grads = {n for n, p in models.denoising_unet.named_parameters() if p.requires_grad}
+    assert grads and all(".temporal_modules." in f".{n}" for n in grads)
+    assert not any(p.requires_grad for p in models.reference_unet.parameters())
+    assert not models.motion_encoder.training and models.pose_guider.training
+    for bad in ("[motion_extractor]", "[not_a_network]", "[]"):
+        cfg = train_cfg(1, tiny_weights, video_dir, tmp_path, f"trainable_modules={bad}")
+        with pytest.raises(ConfigError, match="trainable_modules"):
+            trainable_modules(cfg)
+
+
+def test_stage1_starts_from_the_sd_unet(tiny_weights, video_dir, tmp_path):
+    from personalive.io.checkpoints import find_weight_file, load_state_dict
+
+    cfg = train_cfg(1, tiny_weights, video_dir, tmp_path)
+    models = init_training_models(cfg)
+    base = load_state_dict(find_weight_file(tiny_weights, "base_unet"))
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(models.reference_unet.state_dict()[key], base[key])
+    assert torch.equal(models.denoising_unet.state_dict()[key], base[key])
+    proj_out = [v for k, v in models.denoising_unet.state_dict().items()
+                if k.endswith("temporal_transformer.proj_out.weight")]
+    assert proj_out and all(not v.any() for v in proj_out)  # new modules start as the identity
+
+
+def test_bad_config_fails_before_any_work(tiny_weights, video_dir, tmp_path):
+    with pytest.raises(ConfigError, match="train_batch_size=2: stage 3"):
+        train_cfg(3, tiny_weights, video_dir, tmp_path, "train_batch_size=2")
+    with pytest.raises(ConfigError, match="data_dir="):
+        train(train_cfg(1, tiny_weights, tmp_path / "missing", tmp_path / "out"))
+    with pytest.raises(WeightsNotFoundError, match="init_from="):
+        train(train_cfg(2, tiny_weights, video_dir, tmp_path / "out", f"init_from={tmp_path / 'nothing'}"))
