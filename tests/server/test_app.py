@@ -1,6 +1,7 @@
 """The page's server without a browser: the address is checked before models load, the page is served on
 127.0.0.1, uploads are capped, and the command line turns a taken port into one line."""
 
+import logging
 import socket
 from types import SimpleNamespace
 
@@ -48,3 +49,24 @@ def test_page_is_served_locally_and_uploads_are_capped():
     finally:
         page.close()
         server.shutdown()
+
+
+def test_cli_refuses_a_taken_port_before_loading_models(tiny_weights, caplog):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("inference_online", ROOT / "inference_online.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    caplog.set_level(logging.INFO)
+    common = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert module.main(common + ["--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in caplog.text
+    assert "read " not in caplog.text and "engine ready" not in caplog.text  # no model was loaded
+    assert module.main(common + ["--port", str(free_port()), "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb 0.0: must be positive" in caplog.text

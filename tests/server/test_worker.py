@@ -310,11 +310,20 @@ def test_export_backends_are_imported_only_when_asked():
         assert callable(factory)
 
 
-def test_build_server_loads_one_engine_per_device(tiny_cfg):
-    server = build_server(tiny_cfg, ["cpu"])
+def test_build_server_loads_one_engine_per_device(tiny_cfg, monkeypatch):
+    calls = []
+
+    def create_step_fn(acceleration, engine, cfg):  # stands in for the export runtime (tests/export run the real one)
+        calls.append((acceleration, engine, cfg))
+        return None
+
+    monkeypatch.setattr("personalive.server.worker.step_fn_factory", lambda acceleration: create_step_fn)
+    server = build_server(tiny_cfg, ["cpu"], acceleration="onnxruntime")
     try:
         assert server.capacity == 1 and server.workers[0].name == "cpu"
-        assert server.workers[0].engine.cfg is not tiny_cfg  # each engine owns its config (per-stream seed)
+        engine = server.workers[0].engine
+        assert engine.cfg is not tiny_cfg  # each engine owns its config (per-stream seed)
+        assert calls == [("onnxruntime", engine, engine.cfg)]  # the backend is set up once per engine
     finally:
         server.shutdown()
 
