@@ -1,9 +1,15 @@
-"""Helpers of the training tests: synthetic talking-head videos and tiny training configs."""
+"""Helpers and fixtures of the training tests: synthetic talking-head videos and tiny training configs.
+
+The fixtures live here, not in a tests/training/conftest.py: a second `conftest` module would shadow the root one
+that other test files import by name (`from conftest import ROOT`). Test modules import the fixtures they use.
+"""
 
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
+import torch
 
 from personalive.config import TrainConfig, load_config
 from personalive.io.video import VideoWriter
@@ -64,3 +70,19 @@ def train_cfg(stage: int, weights: Path, data: Path, out: Path, *overrides: str,
     return load_config(ROOT / f"configs/train/tiny_stage{stage}.yaml",
                        [f"weights_dir={weights}", f"data_dir={data}", f"output_dir={out}", *extra, *overrides],
                        schema=TrainConfig)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny networks gain nothing from more, a shared CPU loses a lot (threads spinning
+    against other processes), and the in-process runs then match the `OMP_NUM_THREADS=1` subprocesses bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory) -> Path:
+    """Three 32-frame 64x64 synthetic talking-head videos (one in a sub-folder)."""
+    return write_dataset(tmp_path_factory.mktemp("videos"))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from synthetic import ROOT
+from synthetic import ROOT, one_thread  # noqa: F401 (fixture)
 
 from personalive.config import TrainConfig, load_config
 from personalive.training.stages import STAGE_MODULES, set_trainable, trainable_modules

@@ -6,7 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from synthetic import ROOT, face_frames, train_cfg, write_empty_video, write_video
+from synthetic import (  # noqa: F401 (fixtures)
+    ROOT,
+    face_frames,
+    one_thread,
+    train_cfg,
+    video_dir,
+    write_empty_video,
+    write_video,
+)
 
 from personalive.errors import VideoReadError
 from personalive.io.faces import mediapipe_available

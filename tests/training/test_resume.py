@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from synthetic import ROOT
+from synthetic import ROOT, one_thread, video_dir  # noqa: F401 (fixtures)
 
 STEPS = 4
 

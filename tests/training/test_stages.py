@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import ROOT, train_cfg
+from synthetic import ROOT, one_thread, train_cfg, video_dir  # noqa: F401 (fixtures)
 
 from personalive.config import TrainConfig, load_config
 from personalive.errors import ConfigError, WeightsNotFoundError
