@@ -5,6 +5,7 @@ Set PERSONALIVE_SCREENSHOT=<file.png> to save a screenshot of the streaming page
 PERSONALIVE_SCREENSHOT=docs/images/online.png python -m pytest tests/server/test_browser.py -k webcam).
 """
 
+import importlib.util
 import io
 import os
 import re
@@ -31,6 +32,8 @@ MIN_FPS = 1.0  # animated frames per second at least (the tiny engine gives 4-6 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: apt-get install -y chromium"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                       reason="needs the playwright package: pip install -r requirements.txt"),
 ]
 
 

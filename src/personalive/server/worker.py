@@ -50,7 +50,8 @@ class Worker:
         self._cond = threading.Condition()
         self._session: Session | None = None
         self._closed = False
-        self._fused: tuple[int, int] | None = None  # (id of the session, epoch) the engine holds
+        # (session, epoch) the engine holds; the session itself, not its id(), which a new session could reuse
+        self._fused: tuple[Session, int] | None = None
         self._stamps: deque[float] = deque()  # arrival times of the frames inside the engine's window
         self.step_times: deque[float] = deque(maxlen=1000)  # seconds per step, newest last
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -107,10 +108,10 @@ class Worker:
         if reference is None or session.error is not None:
             time.sleep(0.05)  # nothing to do until the session changes
             return
-        if self._fused != (id(session), epoch):
+        if self._fused is None or self._fused[0] is not session or self._fused[1] != epoch:
             engine.cfg.seed = seed  # fuse_reference resets the noise generator from cfg.seed
             engine.fuse_reference(reference)
-            self._fused = (id(session), epoch)
+            self._fused = (session, epoch)
             self._stamps.clear()
             logger.info("session %s: reference fused on %s (seed %d)", session.key[:8], self.name, seed)
         chunk = session.inputs.take(window, timeout=0.1)
