@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "configs/prompts/personalive_online.yaml")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the page to the network")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--acceleration", choices=ACCELERATIONS, default="none")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument("--acceleration", choices=ACCELERATIONS, default="none",
+                        help="engine backend; tensorrt/onnxruntime need `python torch2trt.py` first (default: none)")
     parser.add_argument("--devices", help="comma-separated devices, one stream each (default: the config's device)")
     parser.add_argument("--max-streams", type=int, help="streams at once (default and maximum: one per device)")
     parser.add_argument("--max-upload-mb", type=float, default=50, help="largest accepted upload (default: 50)")
