@@ -39,6 +39,24 @@ def run_tool(name: str, argv: list[str]) -> int:
     return module.main(argv)
 
 
+def write_sine(path, codec="aac", container_format=None, seconds=1.0, rate=44100):
+    """An audio-only file holding a 440 Hz sine (the audio track of test videos)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        t = np.arange(int(seconds * rate)) / rate
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for start in range(0, len(samples), 1024):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A tiny random weights folder in the official layout, written by tools/make_random_weights.py."""

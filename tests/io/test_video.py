@@ -7,27 +7,13 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+from conftest import write_sine
 
 from personalive.errors import VideoReadError
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoReader, VideoWriter
 
 NTSC = Fraction(30000, 1001)
-
-
-def write_sine(path, codec="aac", container_format=None, seconds=1.0, rate=44100):
-    """An audio-only file holding a 440 Hz sine."""
-    with av.open(str(path), "w", format=container_format) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.layout = "mono"
-        t = np.arange(int(seconds * rate)) / rate
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        for start in range(0, len(samples), 1024):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 def coloured_frames(n, height=48, width=64):

@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import write_sine
 from PIL import Image
 
 from personalive.errors import BackendUnavailableError, ConfigError, ImageReadError, NoFaceError, VideoReadError
@@ -53,24 +54,10 @@ def face_crops(n: int, size: int = 64) -> list[torch.Tensor]:
     return [torch.rand(3, size, size, generator=g) * 2 - 1 for _ in range(n)]
 
 
-def write_sine(path, seconds=1.0, rate=44100):
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=rate)
-        stream.layout = "mono"
-        t = np.arange(int(seconds * rate)) / rate
-        samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-        for start in range(0, len(samples), 1024):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
-
-
 def write_driving_video(path, astronaut, n=18, blank=(), size=(112, 128)):
     """n frames (H x W = size, not the model's) of the astronaut moving, `blank` frames without a face; NTSC rate,
     with a 440 Hz AAC track."""
-    sine = write_sine(path.with_name("sine.m4a"))
+    sine = write_sine(path.with_name("sine.m4a"), container_format="mp4")
     face = np.asarray(astronaut.resize((size[1], size[1])))[: size[0]]
     with VideoWriter(path, NTSC, audio_from=sine) as writer:
         for i in range(n):
