@@ -22,8 +22,8 @@ from personalive.weights import init_training_models, load_models
 def lpips_files(folder):
     """Random LPIPS weights in the two official layouts (torchvision VGG16 + lpips linear layers)."""
     torch.manual_seed(0)
-    state = LPIPS().state_dict()
-    backbone = {k: v for k, v in state.items() if k.startswith("features.")}
+    state = LPIPS("vgg").state_dict()
+    backbone = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.features.")}
     backbone["classifier.0.weight"] = torch.zeros(2, 2)  # a full torchvision file has a classifier: ignored
     linear = {k: v.abs() for k, v in state.items() if k.startswith("lin")}
     torch.save(backbone, folder / "vgg16.pth")

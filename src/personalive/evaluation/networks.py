@@ -99,15 +99,29 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# LPIPS (Zhang et al. 2018), AlexNet variant v0.1
+# LPIPS (Zhang et al. 2018), v0.1: AlexNet (the metric) or VGG16 (the stage-2 training loss)
 
 
-class AlexNetFeatures(nn.Module):
-    """torchvision's AlexNet `features` up to the last ReLU (keys `features.{0,3,6,8,10}.*`).
+class TappedFeatures(nn.Module):
+    """A torchvision `features` stack (keys `features.<i>.*`) -> the ReLU maps at `taps` that LPIPS compares."""
 
-    forward: (n, 3, H, W) normalised input -> the 5 ReLU maps relu1..relu5 used by LPIPS (64, 192, 384, 256, 256
-    channels). H, W >= 63 (three stride-2 pools after a stride-4 conv).
-    """
+    taps: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+class AlexNetFeatures(TappedFeatures):
+    """torchvision's AlexNet `features` up to the last ReLU: relu1..relu5 (H, W >= 63: three stride-2 pools after a
+    stride-4 conv)."""
+
+    taps, channels = (1, 4, 7, 9, 11), (64, 192, 384, 256, 256)
 
     def __init__(self):
         super().__init__()
@@ -120,15 +134,25 @@ class AlexNetFeatures(nn.Module):
             nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),  # 8, 9 -> relu4
             nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(),  # 10, 11 -> relu5
         )
-        self.taps = (1, 4, 7, 9, 11)  # indices of the ReLUs whose outputs LPIPS compares
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in self.taps:
-                out.append(x)
-        return out
+
+class VGG16Features(TappedFeatures):
+    """torchvision's VGG16 ("D") `features` up to relu5_3: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3."""
+
+    taps, channels = (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
+    LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # "M": max-pool
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for v in self.LAYERS:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, v, kernel_size=3, padding=1), nn.ReLU()]
+                channels = v
+        self.features = nn.Sequential(*layers)
 
 
 class LinearHead(nn.Module):
@@ -144,20 +168,20 @@ class LinearHead(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """Learned perceptual distance (LPIPS v0.1, AlexNet), a re-implementation of `lpips.LPIPS(net="alex")`.
+    """Learned perceptual distance (LPIPS v0.1), a re-implementation of `lpips.LPIPS(net=backbone)`.
 
-    Each frame is shifted/scaled by LPIPS' constants, passed through AlexNet; at each of the 5 ReLU taps the
+    Each frame is shifted/scaled by LPIPS' constants, passed through the backbone; at each of its 5 ReLU taps the
     features are unit-normalised over channels, squared differences are weighted by the linear head, averaged over
     space, and the 5 layers are summed.
     forward: a, b (n, 3, H, W) in [-1, 1] -> (n,) distances (0 for identical frames).
     """
 
-    CHANNELS = (64, 192, 384, 256, 256)
+    BACKBONES = {"alex": AlexNetFeatures, "vgg": VGG16Features}
 
-    def __init__(self):
+    def __init__(self, backbone: str = "alex"):
         super().__init__()
-        self.net = AlexNetFeatures()
-        for i, c in enumerate(self.CHANNELS):
+        self.net = self.BACKBONES[backbone]()
+        for i, c in enumerate(self.net.channels):
             self.add_module(f"lin{i}", LinearHead(c))
         # LPIPS' ScalingLayer: [-1, 1] input -> roughly ImageNet-normalised
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
@@ -175,20 +199,25 @@ class LPIPS(nn.Module):
             total = total + getattr(self, f"lin{i}")(diff).mean(dim=(1, 2, 3))
         return total
 
+    @classmethod
+    def from_files(cls, backbone_path: str | Path, linear_path: str | Path, backbone: str = "alex") -> LPIPS:
+        """Torchvision's ImageNet weights of the backbone (only `features.*` is used) + the lpips package's v0.1
+        linear layers of the same backbone; fp32, eval mode, frozen."""
+        model = cls(backbone)
+        expected = model.state_dict()
+        features = {f"net.{k}": v for k, v in load_state_dict(backbone_path).items() if k.startswith("features.")}
+        heads = load_state_dict(linear_path)
+        _check(features, {k: v for k, v in expected.items() if k.startswith("net.")}, Path(backbone_path), backbone)
+        _check(heads, {k: v for k, v in expected.items() if k.startswith("lin")}, Path(linear_path),
+               "LPIPS linear layers")
+        model.load_state_dict({**features, **heads}, strict=True)
+        logger.info("LPIPS-%s: backbone from %s, linear layers from %s", backbone, backbone_path, linear_path)
+        return model.eval().requires_grad_(False)
+
 
 def load_lpips(eval_dir: str | Path = DEFAULT_EVAL_DIR) -> LPIPS:
     """LPIPS with torchvision's AlexNet weights and the v0.1 linear heads, fp32, eval mode."""
-    alex_path, lin_path = eval_file(eval_dir, "alexnet"), eval_file(eval_dir, "lpips")
-    alex = load_state_dict(alex_path)
-    features = {f"net.{k}": v for k, v in alex.items() if not k.startswith("classifier.")}  # classifier unused
-    heads = load_state_dict(lin_path)
-    model = LPIPS()
-    expected = model.state_dict()
-    _check(features, {k: v for k, v in expected.items() if k.startswith("net.")}, alex_path, "AlexNet")
-    _check(heads, {k: v for k, v in expected.items() if k.startswith("lin")}, lin_path, "LPIPS linear layers")
-    model.load_state_dict({**features, **heads}, strict=True)
-    logger.info("LPIPS: AlexNet from %s, linear layers from %s", alex_path, lin_path)
-    return model.eval().requires_grad_(False)
+    return LPIPS.from_files(eval_file(eval_dir, "alexnet"), eval_file(eval_dir, "lpips"), "alex")
 
 
 # ------------------------------------------------------------------------------------------------------------------
