@@ -57,6 +57,22 @@ def write_sine(path, codec="aac", container_format=None, seconds=1.0, rate=44100
     return path
 
 
+def write_undecodable_video(path):
+    """An MP4 with an H.264 stream whose only packet is garbage: it opens, and no frame decodes."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        container.start_encoding()
+        packet = av.Packet(b"\x00\x00\x00\x01" + bytes(range(200)))
+        packet.stream, packet.pts, packet.dts, packet.time_base = stream, 0, 0, Fraction(1, 25)
+        container.mux(packet)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A tiny random weights folder in the official layout, written by tools/make_random_weights.py."""

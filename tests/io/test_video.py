@@ -7,7 +7,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from conftest import write_sine
+from conftest import write_sine, write_undecodable_video
 
 from personalive.errors import VideoReadError
 from personalive.io.samples import sample_driving_video
@@ -143,13 +143,7 @@ def test_zero_frame_file(tmp_path):
 
 def test_no_decodable_frame(tmp_path):
     """A video stream whose only packet is garbage: opens, then iteration raises instead of ending empty."""
-    with av.open(str(tmp_path / "garbage.mp4"), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        container.start_encoding()
-        packet = av.Packet(b"\x00\x00\x00\x01" + bytes(range(200)))
-        packet.stream, packet.pts, packet.dts, packet.time_base = stream, 0, 0, Fraction(1, 25)
-        container.mux(packet)
+    write_undecodable_video(tmp_path / "garbage.mp4")
     with VideoReader(tmp_path / "garbage.mp4") as reader:
         with pytest.raises(VideoReadError, match=message(tmp_path / "garbage.mp4", " has no decodable video frames")):
             list(reader)

@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import write_sine
+from conftest import write_sine, write_undecodable_video
 from PIL import Image
 
 from personalive.errors import BackendUnavailableError, ConfigError, ImageReadError, NoFaceError, VideoReadError
@@ -272,13 +272,7 @@ def test_bad_driving_videos(tmp_path, tiny_cfg):
     (tmp_path / "notes.mp4").write_text("not a video")
     with pytest.raises(VideoReadError, match="notes.mp4 is not a readable video"):
         run(tiny_cfg, reference, tmp_path / "notes.mp4", face_crops="keypoints")
-    with av.open(str(tmp_path / "empty.mp4"), "w") as container:  # a video stream whose only packet is garbage
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        container.start_encoding()
-        packet = av.Packet(b"\x00\x00\x00\x01" + bytes(range(200)))
-        packet.stream, packet.pts, packet.dts, packet.time_base = stream, 0, 0, Fraction(1, 25)
-        container.mux(packet)
+    write_undecodable_video(tmp_path / "empty.mp4")
     with pytest.raises(VideoReadError, match="empty.mp4 has no decodable video frames"):  # found before any model
         run(tiny_cfg, reference, tmp_path / "empty.mp4", face_crops="keypoints")
     assert not (tmp_path / "out.mp4").exists()
