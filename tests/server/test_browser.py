@@ -136,8 +136,10 @@ def upload(page, component: str, path: Path) -> None:
         clear.click()
     with page.expect_file_chooser() as chooser:
         page.locator(component).get_by_text("Click to Upload").click()
-    chooser.value.set_files(str(path))
-    page.wait_for_selector(f"{component} >> text={path.name}")  # shown at once, while "Uploading 1 file..."
+    # the server's answer, not the file name: a small file's name can come and go between two polls, and a video
+    # the browser cannot play never shows its name
+    with page.expect_response(lambda r: "/gradio_api/upload?" in r.url and r.request.method == "POST"):
+        chooser.value.set_files(str(path))
     page.wait_for_function("sel => !document.querySelector(sel).innerText.includes('Uploading')", arg=component)
 
 
