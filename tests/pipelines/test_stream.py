@@ -123,3 +123,20 @@ def test_reset_forgets_everything(tiny_models, tiny_cfg, reference):
     engine.step(driving(1)[0])
     engine.reset()
     assert engine.state is None and not engine.bank.has_reference
+
+
+@torch.no_grad()
+def test_latent_scale_is_the_vae_configs(tiny_models, tiny_cfg, reference):
+    """Encoding and decoding use the VAE's own scaling_factor (SD's VAE: 0.18215; a VAE trained here has its own)."""
+    vae, engine = tiny_models.vae, StreamEngine(tiny_models, tiny_cfg)
+    try:
+        for scale in (1.0, 5.0):  # latents large enough that the t = 0 noise barely moves them
+            vae.register_to_config(scaling_factor=scale)
+            engine.fuse_reference(reference)
+            mean = vae.encode(engine.state.ref_image[None]).latent_dist.mean
+            torch.testing.assert_close(engine.state.ref_latents, mean * scale)
+            first = engine.step(driving(1)[0])  # the ramp's first chunk: the reference latent at t = 0, decoded
+            round_trip = (vae.decode(mean).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+            assert (first - round_trip).abs().mean() < 0.03, scale  # a decode at another scale: > 0.1
+    finally:
+        vae.register_to_config(scaling_factor=0.18215)

@@ -32,7 +32,7 @@ from einops import rearrange
 from PIL import Image
 
 from personalive import keypoints as kp
-from personalive.pipelines.stream import VAE_SCALE, StreamEngine
+from personalive.pipelines.stream import StreamEngine
 
 logger = logging.getLogger(__name__)
 
@@ -129,5 +129,6 @@ def animate_clip(engine: StreamEngine, reference: Image.Image, frames: torch.Ten
                 logger.info("keyframe %d added at step %d", engine.bank.num_keyframes, i)
         if i >= engine.chunks - 1:  # a chunk of the clip is clean (the first steps finish the ramp)
             with engine.stage("vae_decode"):  # as StreamStep decodes
-                out = m.vae.decode(rearrange(x0[:, :, :w].to(dtype), "1 c f h w -> f c h w") / VAE_SCALE).sample
+                out = m.vae.decode(rearrange(x0[:, :, :w].to(dtype), "1 c f h w -> f c h w")
+                                   / m.vae.config.scaling_factor).sample
             yield (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()

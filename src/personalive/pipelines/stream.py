@@ -37,7 +37,6 @@ from personalive.weights import PersonaLiveModels
 
 logger = logging.getLogger(__name__)
 
-VAE_SCALE = 0.18215  # SD-1.x latent scale, hard-coded by the official code
 NoiseFn = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 Stage = Callable[[str], contextlib.AbstractContextManager]
 
@@ -91,7 +90,8 @@ class StreamStep(nn.Module):
             eps = self.denoising_unet(latents, self.timesteps, clip_embeds, motion, pose)
             stepped, x0 = self.scheduler.step(eps, self.timesteps, latents)  # float32
         with self.stage("vae_decode"):
-            frames = self.vae.decode(rearrange(x0[:, :, :w].to(latents.dtype), "1 c f h w -> f c h w") / VAE_SCALE)
+            frames = self.vae.decode(rearrange(x0[:, :, :w].to(latents.dtype), "1 c f h w -> f c h w")
+                                     / self.vae.config.scaling_factor)
             frames = (frames.sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # the oldest chunk is clean: x0
         return (frames, stepped[:, :, w:].to(latents.dtype), motion[:, w:], pose[:, :, w:], motion[:, 0],
                 x0[:, :, 0])
@@ -190,7 +190,8 @@ class StreamEngine:
             clip = m.image_encoder(pixels.to(self.device, self.dtype)).image_embeds.unsqueeze(1)  # (1, 1, d)
             ref = self.vae_processor.preprocess(image, cfg.reference_image_height, cfg.reference_image_width)
             ref = ref.to(self.device, self.dtype)  # (1, 3, H, W) in [-1, 1]
-            latents = m.vae.encode(ref).latent_dist.mean * VAE_SCALE  # (1, 4, h, w)
+            # the VAE's own latent scale: 0.18215 for SD's (the official code hard-codes that number)
+            latents = m.vae.encode(ref).latent_dist.mean * m.vae.config.scaling_factor  # (1, 4, h, w)
             self._run_reference_unet(latents, clip)
             self.bank.set_reference()
             size = m.motion_extractor.config.input_size

@@ -43,7 +43,7 @@ from torch import nn
 from personalive import keypoints as kp
 from personalive.config import TrainConfig
 from personalive.errors import ConfigError
-from personalive.pipelines.stream import VAE_SCALE, StreamEngine
+from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import motion_input, unpack_motion
 from personalive.training.losses import LPIPS, mse
 from personalive.weights import OFFICIAL_FILES, PersonaLiveModels
@@ -142,13 +142,14 @@ class TrainingStage(nn.Module):
         vae = self.models.vae
         flat = rearrange(frames, "b f c h w -> (b f) c h w").to(vae.dtype)
         with self.grad("vae"):
-            z = torch.cat([vae.encode(x).latent_dist.mean for x in flat.split(VAE_CHUNK)]) * VAE_SCALE
+            z = torch.cat([vae.encode(x).latent_dist.mean for x in flat.split(VAE_CHUNK)]) * vae.config.scaling_factor
         return rearrange(z, "(b f) c h w -> b c f h w", f=frames.shape[1]).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (b, 4, f, h, w) -> images ((b f), 3, H, W), about [-1, 1] (gradients flow to the latents)."""
         vae = self.models.vae
-        return vae.decode(rearrange(latents, "b c f h w -> (b f) c h w").to(vae.dtype) / VAE_SCALE).sample
+        return vae.decode(rearrange(latents, "b c f h w -> (b f) c h w").to(vae.dtype)
+                          / vae.config.scaling_factor).sample
 
     def conditions(self, batch: dict, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Face crops (b, 3, f, s, s) in [-1, 1] and pose canvases (b, 3, f, H, W) in [0, 1] of frames
