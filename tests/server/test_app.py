@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from personalive.errors import ConfigError
-from personalive.server.app import check_address, launch
+from personalive.server.app import _frame_html, check_address, launch
+from personalive.server.session import OutputFrame, Stamp
 from personalive.server.worker import StreamServer, Worker
 
 
@@ -29,6 +30,13 @@ def test_check_address_refuses_bad_and_taken_ports():
         with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}.*--port"):
             check_address("127.0.0.1", port)
     check_address("127.0.0.1", free_port())
+
+
+def test_animated_frames_carry_their_webcam_capture_time_to_the_page():
+    webcam = _frame_html(OutputFrame(7, "AAAA", Stamp(arrived=3.0, captured=1712345678901.5)))
+    assert 'data-frame="7"' in webcam and 'data-captured="1712345678901.5"' in webcam  # for screen_latency.js
+    for stamp in (None, Stamp(arrived=3.0)):  # a ramp frame, a driving-video frame
+        assert "data-captured" not in _frame_html(OutputFrame(7, "AAAA", stamp))
 
 
 def test_page_is_served_locally_and_uploads_are_capped():

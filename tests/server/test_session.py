@@ -13,6 +13,7 @@ from personalive.server.session import (
     Pacer,
     RateLimiter,
     Session,
+    Stamp,
     StreamStats,
     as_rgb_frame,
     crop_around,
@@ -247,7 +248,8 @@ def test_session_restarts_on_a_new_reference_and_discards_old_output():
 def test_session_output_latency_and_readout():
     s = new_session()
     s.set_reference(Image.new("RGB", (16, 16)))
-    s.deliver(np.zeros((4, 16, 16, 3), np.uint8), [1.0, 1.1, 1.2, 1.3], s.epoch, step_time=0.25, now=2.0)
+    s.deliver(np.zeros((4, 16, 16, 3), np.uint8), [Stamp(1.0 + i / 10) for i in range(4)], s.epoch, step_time=0.25,
+              now=2.0)
     shown, now = [], 2.0
     while len(shown) < 4:
         if (out := s.next_output(now)) is not None:
@@ -258,8 +260,29 @@ def test_session_output_latency_and_readout():
     p50, _ = s.stats.latency()
     assert 0.9 < p50 < 1.5
     text = s.stats_text(now)
-    assert "driving **0.0** fps" in text and "latency p50 **" in text
+    assert "driving **0.0** fps" in text and "latency in server p50 **" in text
     assert "engine step **250** ms" in text and "dropped **0**" in text
+
+
+def test_session_stamps_webcam_frames_with_their_capture_time_and_video_frames_without():
+    s = new_session(fps=30)
+    s.set_reference(Image.new("RGB", (16, 16)))
+    for i in range(4):
+        s.push_webcam(frame(i), now=1.0 + i / 10, captured=5000.0 + 100 * i)  # browser clock, ms
+    chunk = s.inputs.take(4, timeout=0)
+    assert chunk.stamps == [Stamp(1.0 + i / 10, 5000.0 + 100 * i) for i in range(4)]
+    s.deliver(chunk.frames, [None, None, *chunk.stamps[:2]], s.epoch, step_time=0.1, now=2.0)
+    shown, now = [], 2.0
+    while len(shown) < 4:
+        if (out := s.next_output(now)) is not None:
+            shown.append(out)
+        now += 0.01
+    assert [o.stamp and o.stamp.captured for o in shown] == [None, None, 5000.0, 5100.0]
+    assert s.stats.latency()[0] == pytest.approx(now - 1.05, abs=0.05)  # in server: from arrival, not capture
+
+    s.source = "video"  # as play_video sets it
+    s.push_video_frame(frame(), now=3.0)
+    assert s.inputs.take(1, timeout=0).stamps == [Stamp(3.0, None)]  # read on the server: no browser capture
 
 
 def test_session_failure_stops_the_stream_until_restart():

@@ -2,9 +2,12 @@
 re-fusing on restarts, stamps matched to the engine's delay, failures that stop one stream but not the server, a
 flood of frames against the real tiny engine (latency stays bounded), and start-up errors of `build_server`."""
 
+import base64
 import copy
+import io
 import threading
 import time
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 
 from personalive.errors import BackendUnavailableError, ConfigError, NoFaceError
 from personalive.pipelines.stream import StreamEngine
-from personalive.server.session import Session
+from personalive.server.session import Session, Stamp
 from personalive.server.worker import SlotPool, StreamServer, Worker, build_server, step_fn_factory
 
 H = W = 16
@@ -74,10 +77,11 @@ def new_server(workers, **kwargs) -> StreamServer:
 
 
 def stream_webcam(server: StreamServer, session: Session, frames: int, fps: float = 30.0) -> None:
-    """Push `frames` webcam frames at `fps` (real time), keeping the session's slot bookkeeping going."""
+    """Push `frames` webcam frames at `fps` (real time), keeping the session's slot bookkeeping going; frame i is
+    grey level 5 * i % 256, captured by the page at 1000 + i ms."""
     for i in range(frames):
         now = time.monotonic()
-        session.push_webcam(np.full((H, W, 3), i % 256, np.uint8), now)
+        session.push_webcam(np.full((H, W, 3), 5 * i % 256, np.uint8), now, captured=1000.0 + i)
         server.update(session, now)
         time.sleep(1 / fps)
 
@@ -146,9 +150,41 @@ def test_worker_streams_a_session_and_matches_stamps_to_the_engine_delay(workers
     assert engine.fused == [(session.reference, 5)]  # fused once, with the session's seed
     stamps = [o.stamp for o in player.outputs]
     assert stamps[:12] == [None] * 12  # the first 3 steps return the ramp
-    assert all(isinstance(t, float) for t in stamps[12:16])
+    assert all(isinstance(t, Stamp) and t.captured is not None for t in stamps[12:16])
     assert session.stats.latency() is not None
     assert "Streaming" in server.status(session)
+
+
+class DelayEngine(FakeEngine):
+    """Returns the chunk it was given `num_ramp_frames` frames earlier (black ramp frames first), as the engine does."""
+
+    def __init__(self):
+        super().__init__()
+        self.window_frames = deque()
+
+    def step(self, frames: torch.Tensor) -> torch.Tensor:
+        self.window_frames.extend(super().step(frames))
+        if len(self.window_frames) <= self.num_ramp_frames:
+            return torch.zeros(self.window, H, W, 3)
+        return torch.stack([self.window_frames.popleft() for _ in range(self.window)])
+
+
+def test_each_animated_frame_carries_the_capture_time_of_its_own_driving_frame(workers):
+    server = new_server(workers(DelayEngine()))
+    session = server.session("tab-1")
+    session.set_reference(Image.new("RGB", (H, W)))
+    player = Player(session)
+    player.start()
+    stream_webcam(server, session, frames=40)  # grey level 5 * i, captured at 1000 + i ms
+    assert wait_until(lambda: len(player.outputs) >= 20)
+    player.stop.set()
+    animated = [o for o in player.outputs if o.stamp is not None]
+    assert len(animated) >= 8
+    for out in animated:
+        grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.jpeg)))).mean()
+        # the frame's own capture time, through the engine's delay (JPEG may be a level off)
+        assert abs(grey - 5 * (out.stamp.captured - 1000)) < 2, (grey, out.stamp)
+        assert out.stamp.arrived <= time.monotonic()
 
 
 def test_worker_refuses_on_a_new_reference_or_reset_with_the_new_seed(workers):
@@ -258,7 +294,7 @@ def test_flooded_stream_keeps_latency_bounded(tiny_models, tiny_cfg):
         while not stop.is_set():
             now = time.monotonic()
             if (out := session.next_output(now)) is not None and out.stamp is not None:
-                latencies.append(now - out.stamp)
+                latencies.append(now - out.stamp.arrived)
             sizes.append((len(session.inputs), len(session.pacer)))
             time.sleep(0.002)
 

@@ -1,9 +1,10 @@
 """The web page (gradio, served by Python alone): reference upload, webcam or video in, live animation out.
 
 Layout and glue only. Each handler finds the tab's `Session` by gradio's session hash and calls one method; the
-engines run in `worker.py`. Webcam frames arrive through gradio's streaming webcam (`Image.stream`); animated
-frames leave through one long-running generator per tab (started on page load, ended on unload) that yields each
-paced frame as an inline JPEG, so nothing piles up in gradio's file cache.
+engines run in `worker.py`. Webcam frames arrive through gradio's streaming webcam (`Image.stream`), each with its
+capture time on the browser's clock; animated frames leave through one long-running generator per tab (started on
+page load, ended on unload) that yields each paced frame as an inline JPEG carrying that capture time, so nothing
+piles up in gradio's file cache and the page script `screen_latency.js` can measure capture to screen.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ logger = logging.getLogger(__name__)
 WEBCAM_FPS = 30  # how often the page may send webcam frames; the driving FPS slider samples from them
 PREVIEW_SIDE = 256  # px; smaller fused references are shown enlarged
 READOUT_EVERY = 0.25  # s between updates of the status and stats lines
+# a js-only listener runs on every webcam frame (the `js` of the Python listener runs on the first one only), and
+# the next listener of the same event reads its output: the capture time of that very frame
+CAPTURE_JS = "() => performance.timeOrigin + performance.now()"
+SCREEN_EMPTY = '<span class="pl-readout">latency capture→screen p50 – ms, p95 – ms (webcam only)</span>'
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EMPTY_OUTPUT = '<div class="pl-empty">The animation appears here.</div>'
 CSS = """
 #pl-output img { width: 100%; max-width: 512px; aspect-ratio: 1; display: block; margin: auto; }
 #pl-output .pl-empty { aspect-ratio: 1; max-width: 512px; margin: auto; display: flex; align-items: center;
   justify-content: center; border: 1px dashed var(--border-color-primary); color: var(--body-text-color-subdued); }
+#pl-screen-latency .html-container { padding: 0; }
 """
 
 
@@ -44,7 +50,9 @@ def _text(name: str) -> str:
 
 
 def _frame_html(frame: OutputFrame) -> str:
-    return (f'<img class="pl-frame" alt="animated frame" data-frame="{frame.index}" '
+    captured = None if frame.stamp is None else frame.stamp.captured
+    extra = "" if captured is None else f' data-captured="{captured:.1f}"'
+    return (f'<img class="pl-frame" alt="animated frame" data-frame="{frame.index}"{extra} '
             f'src="data:image/jpeg;base64,{frame.jpeg}">')
 
 
@@ -63,9 +71,9 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
     def session(request: gr.Request):
         return server.session(request.session_hash)
 
-    def on_webcam(frame: np.ndarray | None, request: gr.Request) -> None:
+    def on_webcam(frame: np.ndarray | None, captured: float | None, request: gr.Request) -> None:
         if frame is not None:
-            session(request).push_webcam(frame, time.monotonic())
+            session(request).push_webcam(frame, time.monotonic(), captured)
 
     def fuse(image_path: str | Path | None, request: gr.Request, sample: bool = False):
         s = session(request)
@@ -168,8 +176,10 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
                 video = gr.Video(label="Driving video (instead of the webcam)", sources=["upload"],
                                  include_audio=True, elem_id="pl-video", height=200)  # False needs ffmpeg
                 play_button = gr.Button("Play video", elem_id="pl-play")
+                captured = gr.Number(visible=False, precision=None)  # ms, browser clock: the webcam frame's capture
             with gr.Column():
                 output = gr.HTML(EMPTY_OUTPUT, label="Animation", elem_id="pl-output")
+                gr.HTML(SCREEN_EMPTY, elem_id="pl-screen-latency")  # written by screen_latency.js
                 stats = gr.Markdown("", elem_id="pl-stats")
                 with gr.Row():
                     start_button = gr.Button("Start", elem_id="pl-start")
@@ -183,8 +193,9 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             gr.Markdown(_text("help.md"))
 
         quick = dict(concurrency_limit=None, show_progress="hidden")
-        webcam.stream(on_webcam, inputs=[webcam], outputs=None, stream_every=1 / WEBCAM_FPS, time_limit=None,
-                      **quick)
+        every = dict(stream_every=1 / WEBCAM_FPS, time_limit=None)
+        webcam.stream(None, outputs=[captured], js=CAPTURE_JS, **every, **quick)  # first: see CAPTURE_JS
+        webcam.stream(on_webcam, inputs=[webcam, captured], outputs=None, **every, **quick)
         fuse_button.click(on_fuse, inputs=[reference_file], outputs=[reference_view, status],
                           concurrency_limit=None, show_progress="minimal")
         sample_button.click(on_sample, outputs=[reference_view, status], concurrency_limit=None,
@@ -235,7 +246,8 @@ def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "1
     try:
         page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                     max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes: gradio's "<n>mb" takes integers only
-                    prevent_thread_lock=not block, quiet=quiet, css=CSS, footer_links=["gradio"])
+                    prevent_thread_lock=not block, quiet=quiet, css=CSS, js=_text("screen_latency.js"),
+                    footer_links=["gradio"])
     except OSError as e:
         raise ConfigError(f"cannot serve on {host}:{port} ({e}); pass a free --port or another --host") from e
     finally:

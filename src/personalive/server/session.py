@@ -7,7 +7,8 @@ The queue discipline decides the latency users feel, so every queue here is boun
 - `Pacer` releases the engine's output chunks one frame at a time, spread over the measured time between chunks
   instead of 4 at once; it too holds at most two chunks.
 - `StreamStats` turns driving and shown frames into the page's readout: FPS in and out and latency percentiles,
-  where latency runs from a driving frame's arrival at the server to its animated frame leaving for the page.
+  where latency runs from a driving frame's arrival at the server to its animated frame leaving for the page (the
+  page itself measures capture to screen, from the browser `Stamp` each webcam frame carries through the engine).
 
 Nothing here touches a device: frames cross thread boundaries as CPU uint8 arrays, and `worker.py` owns the engines.
 Every method that depends on time takes `now` (seconds of `time.monotonic()`), so the policies are testable with a
@@ -39,12 +40,21 @@ logger = logging.getLogger(__name__)
 JPEG_QUALITY = 90  # animated frames travel to the page as inline JPEG
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """When a driving frame was taken: `arrived` at the server (s, `time.monotonic()`) and `captured` by the page
+    (ms, the browser's clock; None for driving-video frames, which are read on the server)."""
+
+    arrived: float
+    captured: float | None = None
+
+
 @dataclass
 class Chunk:
-    """Driving frames for one engine step: frames (n, H, W, 3) uint8 and their arrival times (n,)."""
+    """Driving frames for one engine step: frames (n, H, W, 3) uint8 and their stamps (n,)."""
 
     frames: np.ndarray
-    stamps: list[float]
+    stamps: list[Stamp]
 
 
 class FrameBuffer:
@@ -58,7 +68,7 @@ class FrameBuffer:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self._items: deque[tuple[np.ndarray, float]] = deque()
+        self._items: deque[tuple[np.ndarray, Stamp]] = deque()
         self._cond = threading.Condition()
         self.dropped = 0  # frames that were overwritten before the engine took them
         self.pushed = 0
@@ -67,8 +77,8 @@ class FrameBuffer:
         with self._cond:
             return len(self._items)
 
-    def push(self, frame: np.ndarray, stamp: float) -> bool:
-        """Add a frame (H, W, 3) uint8 that arrived at `stamp`; True when an older frame was dropped for it."""
+    def push(self, frame: np.ndarray, stamp: Stamp) -> bool:
+        """Add a frame (H, W, 3) uint8 taken at `stamp`; True when an older frame was dropped for it."""
         with self._cond:
             self._items.append((frame, stamp))
             self.pushed += 1
@@ -248,7 +258,7 @@ class OutputFrame:
 
     index: int  # frames shown since the stream (re)started
     jpeg: str  # base64 JPEG
-    stamp: float | None  # arrival time of its driving frame; None for ramp frames
+    stamp: Stamp | None  # of its driving frame; None for ramp frames
 
 
 def as_rgb_frame(frame: Any) -> np.ndarray:
@@ -408,8 +418,9 @@ class Session:
             self._shown = 0
 
     # ------------------------------------------------------------------------------------------------------ inputs
-    def push_webcam(self, frame: Any, now: float) -> None:
-        """A webcam frame arrived; it joins the stream unless a video plays, Stop was pressed or nothing is fused."""
+    def push_webcam(self, frame: Any, now: float, captured: float | None = None) -> None:
+        """A webcam frame arrived (captured by the page at `captured`, ms of the browser's clock); it joins the stream
+        unless a video plays, Stop was pressed or nothing is fused."""
         with self._lock:
             if self.closed or self.stopped or self.source == "video":
                 return
@@ -422,7 +433,7 @@ class Session:
             self._last_input = now
             if not self.limiter.accept(now):
                 return
-        self._push(frame, now)
+        self._push(frame, Stamp(now, captured))
 
     def push_video_frame(self, frame: np.ndarray, now: float) -> None:
         """A frame of the playing driving video (already paced by the feeder)."""
@@ -430,9 +441,9 @@ class Session:
             if self.closed or self.source != "video":
                 return
             self._last_input = now
-        self._push(frame, now)
+        self._push(frame, Stamp(now))
 
-    def _push(self, frame: Any, now: float) -> None:
+    def _push(self, frame: Any, stamp: Stamp) -> None:
         try:
             frame = fit_frame(as_rgb_frame(frame), self.height, self.width)
         except ValueError as e:
@@ -441,8 +452,8 @@ class Session:
                 self.notice = f"A driving frame was skipped: {e}."
             return
         with self._lock:
-            self.stats.arrived(now)
-        self.inputs.push(frame, now)
+            self.stats.arrived(stamp.arrived)
+        self.inputs.push(frame, stamp)
 
     def play_video(self, path: str | Path) -> None:
         """Drive the stream with a video file instead of the webcam (played in real time at the driving FPS).
@@ -506,9 +517,9 @@ class Session:
         with self._lock:
             return self.epoch, self.reference, self.seed
 
-    def deliver(self, frames: np.ndarray, stamps: list[float | None], epoch: int, step_time: float,
+    def deliver(self, frames: np.ndarray, stamps: list[Stamp | None], epoch: int, step_time: float,
                 now: float) -> None:
-        """Animated frames (n, H, W, 3) uint8 of `epoch`, with their driving frames' arrival times (None: ramp)."""
+        """Animated frames (n, H, W, 3) uint8 of `epoch`, with their driving frames' stamps (None: ramp)."""
         encoded = [encode_jpeg(frame) for frame in frames]
         with self._lock:
             if epoch != self.epoch or self.closed:
@@ -532,7 +543,7 @@ class Session:
         with self._lock:
             item = self.pacer.pop(now)
             if item is not None:
-                self.stats.shown(now, None if item.stamp is None else now - item.stamp)
+                self.stats.shown(now, None if item.stamp is None else now - item.stamp.arrived)
             return item
 
     def wait_time(self, now: float) -> float | None:
@@ -541,12 +552,12 @@ class Session:
 
     # ------------------------------------------------------------------------------------------------------ readout
     def stats_text(self, now: float) -> str:
-        """One line for the page: driving and output FPS, latency p50/p95, dropped frames, engine step time."""
+        """One line for the page: driving and output FPS, in-server latency p50/p95, dropped frames, engine step."""
         with self._lock:
             latency = self.stats.latency()
             parts = [f"driving **{self.stats.input_fps(now):.1f}** fps", f"output **{self.stats.fps(now):.1f}** fps"]
-            parts.append("latency p50 **{:.0f}** ms, p95 **{:.0f}** ms".format(*(1000 * x for x in latency))
-                         if latency else "latency p50 – ms, p95 – ms")
+            parts.append("latency in server p50 **{:.0f}** ms, p95 **{:.0f}** ms".format(*(1000 * x for x in latency))
+                         if latency else "latency in server p50 – ms, p95 – ms")
             parts.append(f"dropped **{self.inputs.dropped}** driving frames")
             if self.pacer.dropped:
                 parts.append(f"**{self.pacer.dropped}** output frames")

@@ -28,7 +28,7 @@ from personalive.config import PersonaLiveConfig
 from personalive.errors import BackendUnavailableError, ConfigError, PersonaLiveError
 from personalive.io.images import frames_to_tensor, to_uint8
 from personalive.pipelines.build import build_engine, resolve_device
-from personalive.server.session import Session
+from personalive.server.session import Session, Stamp
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Worker:
         self._closed = False
         # (session, epoch) the engine holds; the session itself, not its id(), which a new session could reuse
         self._fused: tuple[Session, int] | None = None
-        self._stamps: deque[float] = deque()  # arrival times of the frames inside the engine's window
+        self._stamps: deque[Stamp] = deque()  # of the frames inside the engine's window
         self.step_times: deque[float] = deque(maxlen=1000)  # seconds per step, newest last
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -124,7 +124,7 @@ class Worker:
         # the engine returns the chunk given `num_ramp_frames` frames ago; the first steps return the ramp
         self._stamps.extend(chunk.stamps)
         if len(self._stamps) > engine.num_ramp_frames:
-            stamps: list[float | None] = [self._stamps.popleft() for _ in range(window)]
+            stamps: list[Stamp | None] = [self._stamps.popleft() for _ in range(window)]
         else:
             stamps = [None] * window
         session.deliver(to_uint8(frames), stamps, epoch, step_time, time.monotonic())
