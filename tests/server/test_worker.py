@@ -364,6 +364,36 @@ def test_build_server_loads_one_engine_per_device(tiny_cfg, monkeypatch):
         server.shutdown()
 
 
+def test_two_devices_serve_two_streams_at_once(tiny_cfg, monkeypatch):
+    """`--devices cpu,cpu:1` (torch takes any CPU index, so this runs without GPUs): one engine per device with its
+    own models, loaded once per device, and two tabs streaming at the same time, each on its own engine."""
+    import personalive.pipelines.build as build
+
+    loads, load_models = [], build.load_models
+    monkeypatch.setattr(build, "load_models", lambda cfg, device, dtype: loads.append(str(device)) or load_models(
+        cfg, device, dtype))
+    server = build_server(tiny_cfg, ["cpu", "cpu:1"])
+    try:
+        assert loads == ["cpu", "cpu:1"] and [w.name for w in server.workers] == loads
+        engines = [w.engine for w in server.workers]
+        assert engines[0].models is not engines[1].models and server.capacity == 2
+        tabs = [server.session(f"tab-{i}") for i in range(2)]
+        for tab in tabs:
+            tab.set_reference(Image.new("RGB", (64, 64), "gray"))
+        deadline = time.monotonic() + 120
+        while min(len(w.step_times) for w in server.workers) < 2 and time.monotonic() < deadline:
+            for tab in tabs:
+                now = time.monotonic()
+                tab.push_webcam(np.zeros((64, 64, 3), np.uint8), now)
+                server.update(tab, now)
+            time.sleep(1 / 30)
+        assert [tab.worker for tab in tabs] == server.workers  # both streams hold a device at once, none waits
+        assert all(len(w.step_times) >= 2 for w in server.workers) and not any(tab.waiting for tab in tabs)
+        assert loads == ["cpu", "cpu:1"]  # streaming loads nothing more
+    finally:
+        server.shutdown()
+
+
 def test_cli_reports_bad_flags_in_one_line(tiny_weights, caplog):
     import importlib.util
 
