@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from personalive.config import PROJECT_ROOT, load_config
+from personalive.config import load_config
 from personalive.errors import PersonaLiveError, WeightsNotFoundError
 from personalive.weights import check_weights
 

@@ -13,8 +13,8 @@ from personalive.config import TrainConfig, load_config
 from personalive.errors import ConfigError, WeightsNotFoundError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import build_dataset
-from personalive.training.losses import LPIPS
 from personalive.training.loop import step_generator, train
+from personalive.training.losses import LPIPS
 from personalive.training.stages import build_stage, clip_frames, set_trainable, trainable_modules
 from personalive.weights import init_training_models, load_models
 

@@ -14,7 +14,7 @@ def cast_model(model: nn.Module, device: torch.device | str, dtype: torch.dtype)
     nn.Module.to(model, device=device)  # diffusers' ModelMixin.to warns on every dtype cast
     for module in model.modules():
         target = torch.float32 if id(module) in kept else dtype
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(target)
         for name, buffer in module.named_buffers(recurse=False):

@@ -19,7 +19,7 @@ class PoseGuider(ModelMixin, ConfigMixin):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.blocks = nn.ModuleList()
-        for c_in, c_out in zip(block_out_channels[:-1], block_out_channels[1:]):
+        for c_in, c_out in zip(block_out_channels[:-1], block_out_channels[1:], strict=True):
             self.blocks.append(nn.Conv2d(c_in, c_in, kernel_size=3, padding=1))
             self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
         self.conv_out_modify = nn.Conv2d(block_out_channels[-1], out_channels, kernel_size=3, padding=1)

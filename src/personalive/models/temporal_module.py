@@ -75,7 +75,7 @@ class TransformerBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, num_frames: int = 1
     ) -> torch.Tensor:
         """x: ((b f), n, dim); context: ((b f), m, d) tokens for Spatial_Cross blocks."""
-        for kind, attn, norm in zip(self.block_types, self.attention_blocks, self.norms):
+        for kind, attn, norm in zip(self.block_types, self.attention_blocks, self.norms, strict=True):
             h = norm(x)
             if kind == "Temporal_Self":
                 n = h.shape[1]

@@ -154,7 +154,7 @@ class TrainingStage(nn.Module):
     def conditions(self, batch: dict, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Face crops (b, 3, f, s, s) in [-1, 1] and pose canvases (b, 3, f, H, W) in [0, 1] of frames
         (b, f, 3, H, W) in [-1, 1]."""
-        m, cfg = self.models, self.cfg
+        m = self.models
         me = m.motion_extractor.config
         b, f, _, height, width = frames.shape
         flat = rearrange(frames, "b f c h w -> (b f) c h w")
