@@ -29,14 +29,19 @@ def state_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def run_tool(name: str, argv: list[str]) -> int:
-    """Run `tools/<name>.py`'s main() in-process (same code as the command line, without the import cost)."""
+def load_tool(name: str):
+    """`tools/<name>.py` as a module (the tools are scripts, not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(argv)
+    return module
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    """Run `tools/<name>.py`'s main() in-process (same code as the command line, without the import cost)."""
+    return load_tool(name).main(argv)
 
 
 def write_sine(path, codec="aac", container_format=None, seconds=1.0, rate=44100):

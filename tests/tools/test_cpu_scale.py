@@ -2,23 +2,32 @@
 against the baselines, picture) runs end to end on a short synthetic clip, one step per stage."""
 
 import json
+import shutil
 
 import numpy as np
-from conftest import run_tool
+from conftest import ROOT, load_tool, run_tool
 from PIL import Image
 
+from personalive.config import load_config
 from personalive.io.video import VideoWriter
+from personalive.weights import load_network
+
+
+def sliding_frames(n: int, height: int = 64, width: int = 80) -> np.ndarray:
+    """`n` uint8 frames of a random 8x8-pixel block pattern sliding one pixel per frame."""
+    base = np.random.default_rng(0).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.stack([np.roll(base.repeat(8, 0).repeat(8, 1), t, axis=1) for t in range(n)])
 
 
 def test_chain_runs_end_to_end(tmp_path):
     clip = tmp_path / "clip.mp4"
-    base = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-    with VideoWriter(clip, 25) as writer:  # 40 frames of 64x80 sliding one pixel per frame
-        for t in range(40):
-            writer.write(np.roll(base, t, axis=1))
+    with VideoWriter(clip, 25) as writer:
+        for frame in sliding_frames(40):
+            writer.write(frame)
     out = tmp_path / "out"
     argv = ["--out", str(out), "--video", str(clip), "--train-frames", "32", "--test-frames", "8",
-            "--steps", "1", "1", "1", "--log-level", "WARNING"]
+            "--steps", "1", "1", "1", "--vae-steps", "2", "--vae-channels", "8", "8", "16", "16",
+            "--log-level", "WARNING"]
     assert run_tool("cpu_scale", argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
@@ -27,6 +36,7 @@ def test_chain_runs_end_to_end(tmp_path):
         s = result["scores"][name]
         assert 0 <= s["l1"] <= 1 and -1 <= s["ssim"] <= 1 and np.isfinite(s["psnr"]), name
     assert result["scores"]["reference"]["l1"] > 0  # the clip moves
+    assert result["vae_pretraining"]["block_out_channels"] == [8, 8, 16, 16]
     for stage in (1, 2, 3):
         assert (out / f"train/stage{stage}/final/personalive/denoising_unet.pth").is_file()
     assert Image.open(out / "strip.png").size == (6 * 64 * 2, 5 * 64 * 2)  # 6 frames x (driver + 4 rows), 2x
@@ -39,3 +49,23 @@ def test_too_short_a_clip_is_one_line(tmp_path, caplog):
             writer.write(np.zeros((64, 64, 3), np.uint8))
     assert run_tool("cpu_scale", ["--out", str(tmp_path / "o"), "--video", str(clip)]) == 2
     assert "has 5 frames" in caplog.text
+
+
+def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
+    """The stand-in for SD's pretrained VAE: a few steps already beat the random VAE's round trip; the config gets
+    the new widths and the latent scale, and the weights folder still loads."""
+    cpu_scale, weights = load_tool("cpu_scale"), tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    frames = sliding_frames(16, width=64)
+    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={weights}"])
+
+    def round_trip_l1() -> float:
+        vae = load_network(cfg, "vae")
+        return float(np.abs(cpu_scale.vae_round_trip(vae, frames) / 255 - frames / 255).mean())
+
+    before = round_trip_l1()
+    info = cpu_scale.pretrain_vae(frames, weights, steps=150, channels=[8, 8, 16, 16])
+    after = round_trip_l1()
+    assert after < 0.7 * before, (before, after)
+    config = json.loads((weights / "sd-vae-ft-mse/config.json").read_text())
+    assert config["block_out_channels"] == [8, 8, 16, 16] and config["scaling_factor"] == info["scaling_factor"] > 0
