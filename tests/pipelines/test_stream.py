@@ -59,7 +59,7 @@ def test_first_steps_return_the_ramp_then_follow_the_driver(tiny_models, tiny_cf
     late = [engine.step(c) for c in chunks[:3] + [chunks[3].flip(-1)]]
     engine.fuse_reference(reference)
     early = [engine.step(c) for c in [chunks[0].flip(-1)] + chunks[1:]]
-    assert all(torch.equal(a, b) for a, b in zip(outs[:3], late[:3]))
+    assert all(torch.equal(a, b) for a, b in zip(outs[:3], late[:3], strict=True))
     assert (outs[3] - late[3]).abs().max() < (outs[3] - early[3]).abs().max() / 100
 
 
