@@ -18,7 +18,8 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
    and "vae_ceiling", the held-out frames through the (frozen) VAE and back: about the best a model that decodes
    with this VAE can do.
 
-   The same again with the first training frame as the reference (another pose): "scores_frame0".
+   The same again with the first training frame as the reference (another pose): "scores_frame0"; and with a
+   plain grey reference, which tells whether the model uses its reference at all: "scores_grey".
 
 Writes OUT/results.json (numbers, settings, step times), OUT/strip.png and OUT/strip_frame0.png (rows: driver,
 reference baseline, untrained, trained, VAE ceiling; columns: held-out frames).
@@ -141,20 +142,23 @@ def strip(rows: dict[str, np.ndarray], columns: int, scale: int = 2) -> Image.Im
 
 
 def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path) -> dict:
-    """Score held-out self-reenactment twice: with the protocol's reference (the first held-out frame) and with
-    the first training frame (another pose, so copying the reference no longer scores well); a strip each."""
+    """Score held-out self-reenactment with the protocol's reference (the first held-out frame), with the first
+    training frame (another pose, so copying the reference no longer scores well), each with a strip, and with a
+    plain grey image (does the model use its reference at all?)."""
     held_out = fit[train_frames:]
     engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
                for name, folder in (("untrained", weights), ("trained", trained))}
     ceiling = vae_round_trip(engines["untrained"].models.vae, held_out)  # frozen in every stage: one for both
     result = {}
     for key, picture, reference in (("scores", "strip.png", held_out[0]),
-                                    ("scores_frame0", "strip_frame0.png", fit[0])):
+                                    ("scores_frame0", "strip_frame0.png", fit[0]),
+                                    ("scores_grey", None, np.full_like(fit[0], 128))):
         videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
                   **{name: animate(engine, reference, held_out) for name, engine in engines.items()},
                   "vae_ceiling": ceiling}
         result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
-        strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
+        if picture:
+            strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
     return result
 
 

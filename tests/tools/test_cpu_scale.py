@@ -43,6 +43,7 @@ def test_chain_runs_end_to_end(tmp_path):
         assert Image.open(out / picture).size == (6 * 64 * 2, 5 * 64 * 2)
     assert result["scores_frame0"]["reference"]["l1"] > result["scores"]["reference"]["l1"]  # a farther pose
     assert result["scores_frame0"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
+    assert set(result["scores_grey"]) == {"reference", "untrained", "trained", "vae_ceiling"}
 
     (out / "strip.png").unlink()
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 0  # no training: the same numbers and pictures again
