@@ -45,7 +45,7 @@ from personalive.errors import ConfigError
 from personalive.evaluation import metrics as M
 from personalive.evaluation.protocol import animate, read_clip
 from personalive.io.checkpoints import CONFIG_FILES, WEIGHT_FILES, save_state_dict, write_json
-from personalive.io.images import fit_frame
+from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
 from personalive.pipelines.build import build_engine
@@ -64,7 +64,7 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
     (as SD's VAE, latents stay about unit scale), random flips and shifts of up to 4 px against overfitting the
     clip, cosine learning-rate decay. Its config gets `block_out_channels=channels` (the compression, 8x, is the
     tiny config's) and `scaling_factor` = 1 / std of the training latents, as SD's 0.18215 was chosen.
-    Returns {"seconds", "l1"} (mean training L1 of the last 50 steps, frames in [0, 1]).
+    Returns {"seconds", "l1" (mean training L1 of the last 50 steps, frames in [0, 1]), "scaling_factor"}.
     """
     from diffusers import AutoencoderKL
 
@@ -72,7 +72,7 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
     config = {**json.loads(config_path.read_text()), "block_out_channels": channels}
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}).train()
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, H, W)
+    x = frames_to_tensor(frames)  # (n, 3, H, W) in [-1, 1]
     pad = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -126,8 +126,8 @@ def scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 @torch.no_grad()
 def vae_round_trip(vae, frames: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> decode(encode(frames)) uint8: the best any model decoding with this VAE can do."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+    """uint8 (n, H, W, 3) -> decode(encode(frames)) uint8: about the best a model decoding with this VAE can do."""
+    x = frames_to_tensor(frames).to(vae.device, vae.dtype)
     y = vae.decode(vae.encode(x).latent_dist.mean).sample
     return ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
