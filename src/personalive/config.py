@@ -236,6 +236,9 @@ class DataConfig:
     frames_per_sample: int = 1  # stages 1-2: target frames per reference (random frames of the same video)
     frame_stride: int = 1  # stage 3: take every n-th frame of the video for a clip
     max_frames: int = 0  # sample only the first n frames of each video (0: all); frames are decoded sequentially
+    # every target at most n frames from its reference (0: anywhere in the video). Near references make copying the
+    # reference pay, which a small data set (one identity) otherwise does not teach; stage 3 needs n >= clip span - 1
+    reference_gap: int = 0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -325,7 +328,9 @@ class TrainConfig(PersonaLiveConfig):
         if self.stage == 3 and self.train_batch_size != 1:
             raise ConfigError(f"train_batch_size={self.train_batch_size}: stage 3 streams one clip per process "
                               "(as inference); use 1 and gradient_accumulation_steps for a larger batch")
-        if self.data.frames_per_sample < 1 or self.data.frame_stride < 1 or self.data.max_frames < 0:
-            raise ConfigError("data.frames_per_sample and data.frame_stride must be >= 1, data.max_frames >= 0")
+        if self.data.frames_per_sample < 1 or self.data.frame_stride < 1 or min(self.data.max_frames,
+                                                                                 self.data.reference_gap) < 0:
+            raise ConfigError("data.frames_per_sample and data.frame_stride must be >= 1, data.max_frames and "
+                              "data.reference_gap >= 0")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

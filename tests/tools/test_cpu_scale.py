@@ -50,6 +50,17 @@ def test_chain_runs_end_to_end(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again == result and (out / "strip.png").is_file()
 
+    # the same VAE, other training settings (every target near its reference, through all three stages)
+    out2 = tmp_path / "out2"
+    assert run_tool("cpu_scale", [*argv[2:], "--out", str(out2), "--weights-from", str(out),
+                                  "data.reference_gap=27"]) == 0
+    second = json.loads((out2 / "results.json").read_text())
+    assert second["vae_pretraining"] == result["vae_pretraining"] and second["weights_from"] == str(out)
+    assert "data.reference_gap=27" in second["overrides"]
+    vae = "random_weights/sd-vae-ft-mse/diffusion_pytorch_model.bin"
+    assert (out2 / vae).read_bytes() == (out / vae).read_bytes()
+    assert second["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
+
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
     clip = tmp_path / "short.mp4"
@@ -60,7 +71,7 @@ def test_too_short_a_clip_is_one_line(tmp_path, caplog):
     assert "has 5 frames" in caplog.text
 
 
-def test_rescore_without_a_run_is_one_line(tmp_path, caplog):
+def test_rescore_or_weights_from_without_a_run_is_one_line(tmp_path, caplog):
     clip = tmp_path / "clip.mp4"
     with VideoWriter(clip, 25) as writer:
         for frame in sliding_frames(12):
@@ -68,6 +79,8 @@ def test_rescore_without_a_run_is_one_line(tmp_path, caplog):
     argv = ["--out", str(tmp_path / "o"), "--video", str(clip), "--train-frames", "8", "--test-frames", "4"]
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 2
     assert "no finished run in" in caplog.text
+    assert run_tool("cpu_scale", [*argv, "--weights-from", str(tmp_path / "none")]) == 2
+    assert f"--weights-from {tmp_path / 'none'}: no finished run there" in caplog.text
 
 
 def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):

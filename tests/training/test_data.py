@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from synthetic import (  # noqa: F401 (fixtures)
     write_video,
 )
 
-from personalive.errors import VideoReadError
+from personalive.errors import ConfigError, VideoReadError
 from personalive.io.faces import mediapipe_available
 from personalive.training.data import (
     EpochSampler,
+    TalkingHeadDataset,
+    VideoEntry,
     build_dataset,
     motion_input,
     pack_motion,
@@ -59,6 +62,24 @@ def test_clips_are_consecutive_frames(tiny_weights, video_dir, tmp_path):
     ds = build_dataset(cfg, num_frames=8, contiguous=True, clip_size=32)
     ref, targets = ds.frame_indices(ds.videos[0], 11)
     assert np.diff(targets).tolist() == [2] * 7 and targets[-1] < 32 and 0 <= ref < 32
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_reference_gap_keeps_every_target_near_the_reference(contiguous):
+    def dataset(gap):
+        return TalkingHeadDataset([], 8 if contiguous else 2, contiguous, (64, 64), (64, 64), 64, 32, 265,
+                                  stride=2, max_frames=90, reference_gap=gap)
+
+    video, span = VideoEntry(Path("clip.mp4"), 100), 15 if contiguous else 1
+    samples = [dataset(span + 3).frame_indices(video, key) for key in range(300)]
+    assert all(max(abs(t - ref) for t in targets) <= span + 3 and 0 <= ref < 90 and 0 <= min(targets)
+               and max(targets) < 90 for ref, targets in samples)
+    assert {ref for ref, _ in samples} >= {0, 89}  # references still cover the video, ends included
+    far = [dataset(0).frame_indices(video, key) for key in range(300)]
+    assert max(abs(t - ref) for ref, targets in far for t in targets) > 40  # 0: anywhere, as before
+    if contiguous:
+        with pytest.raises(ConfigError, match="reference_gap=13 cannot hold a clip of 15 frames"):
+            dataset(13)
 
 
 def test_data_order_is_a_function_of_seed_and_epoch():

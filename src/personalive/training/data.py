@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 from transformers import CLIPImageProcessorPil
 
 from personalive.config import TrainConfig, resolve_path
-from personalive.errors import PersonaLiveError, VideoReadError
+from personalive.errors import ConfigError, PersonaLiveError, VideoReadError
 from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.video import VideoReader
 
@@ -209,12 +209,18 @@ class TalkingHeadDataset(Dataset):
         videos: from `scan_videos`. num_frames: targets per sample. contiguous: a clip of consecutive frames
         (every `stride`-th) instead of random frames. size / ref_size: (H, W) of targets / reference.
         pose_size: S. clip_size: c. max_frames: sample from the first frames only (0: all). motion_width: D.
+        reference_gap: every target at most this many frames from the reference (0: anywhere).
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
-                 stride: int = 1, max_frames: int = 0):
+                 stride: int = 1, max_frames: int = 0, reference_gap: int = 0):
+        span = (num_frames - 1) * stride + 1 if contiguous else 1
+        if reference_gap and reference_gap < span - 1:
+            raise ConfigError(f"data.reference_gap={reference_gap} cannot hold a clip of {span} frames; use 0 or at "
+                              f"least {span - 1}")
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
+        self.reference_gap = reference_gap
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -229,13 +235,19 @@ class TalkingHeadDataset(Dataset):
         """(reference index, target indices) of sample `key` from `video`."""
         rng = np.random.default_rng([self.seed, key])
         limit = min(video.num_frames, self.max_frames) if self.max_frames else video.num_frames
+        span = (self.num_frames - 1) * self.stride + 1 if self.contiguous else 1
+        ref, gap = None, self.reference_gap
+        lo, hi = 0, limit - span  # first target (clip start) or the range of random targets: [lo, hi + span - 1]
+        if gap:  # the reference first, then targets within `gap` of it
+            ref = int(rng.integers(0, limit))
+            lo, hi = max(lo, ref - gap), min(hi, ref + gap - span + 1)
         if self.contiguous:
-            span = (self.num_frames - 1) * self.stride + 1
-            start = int(rng.integers(0, limit - span + 1))
+            start = int(rng.integers(lo, hi + 1))
             targets = [start + i * self.stride for i in range(self.num_frames)]
         else:
-            targets = sorted(int(i) for i in rng.choice(limit, self.num_frames, replace=limit < self.num_frames))
-        return int(rng.integers(0, limit)), targets
+            n = hi - lo + 1
+            targets = sorted(lo + int(i) for i in rng.choice(n, self.num_frames, replace=n < self.num_frames))
+        return (int(rng.integers(0, limit)) if ref is None else ref), targets
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         n = len(self.videos)
@@ -283,7 +295,7 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         scan_videos(cfg, span), num_frames, contiguous, (cfg.height, cfg.width),
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
-        max_frames=cfg.data.max_frames)
+        max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap)
 
 
 class EpochSampler(Sampler[int]):
