@@ -239,6 +239,9 @@ class DataConfig:
     # every target at most n frames from its reference (0: anywhere in the video). Near references make copying the
     # reference pay, which a small data set (one identity) otherwise does not teach; stage 3 needs n >= clip span - 1
     reference_gap: int = 0
+    # the reference and its targets get the same random gain per colour channel, in [1 - x, 1 + x]: their colours
+    # can then only come from the reference, not from weights that memorised the data set (0: off)
+    color_jitter: float = 0.0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -332,5 +335,7 @@ class TrainConfig(PersonaLiveConfig):
                                                                                  self.data.reference_gap) < 0:
             raise ConfigError("data.frames_per_sample and data.frame_stride must be >= 1, data.max_frames and "
                               "data.reference_gap >= 0")
+        if not 0 <= self.data.color_jitter < 1:
+            raise ConfigError(f"data.color_jitter={self.data.color_jitter} must be in [0, 1)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

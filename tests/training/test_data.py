@@ -82,6 +82,22 @@ def test_reference_gap_keeps_every_target_near_the_reference(contiguous):
             dataset(13)
 
 
+def test_color_jitter_gives_reference_and_targets_one_gain(tiny_weights, video_dir, tmp_path):
+    def item(*overrides):
+        return build_dataset(train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides), 2, False, 32)[5]
+
+    plain, jittered = item(), item("data.color_jitter=0.3")
+    assert torch.equal(jittered["frames"], item("data.color_jitter=0.3")["frames"])  # a key is still a sample
+
+    def gain(name):  # per colour channel, of the [0, 1] values
+        return ((jittered[name] + 1).sum(dim=(-1, -2)) / (plain[name] + 1).sum(dim=(-1, -2))).reshape(-1, 3)
+
+    ref, targets = gain("ref_image"), gain("frames")
+    assert ((ref - 1).abs() > 0.02).any() and ((ref - targets).abs() < 0.03).all(), (ref, targets)
+    with pytest.raises(ConfigError, match="color_jitter=1.5"):
+        item("data.color_jitter=1.5")
+
+
 def test_data_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(5, seed=3)
     first = list(sampler)

@@ -209,18 +209,19 @@ class TalkingHeadDataset(Dataset):
         videos: from `scan_videos`. num_frames: targets per sample. contiguous: a clip of consecutive frames
         (every `stride`-th) instead of random frames. size / ref_size: (H, W) of targets / reference.
         pose_size: S. clip_size: c. max_frames: sample from the first frames only (0: all). motion_width: D.
-        reference_gap: every target at most this many frames from the reference (0: anywhere).
+        reference_gap: every target at most this many frames from the reference (0: anywhere). color_jitter: x, the
+        reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none).
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
-                 stride: int = 1, max_frames: int = 0, reference_gap: int = 0):
+                 stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0):
         span = (num_frames - 1) * stride + 1 if contiguous else 1
         if reference_gap and reference_gap < span - 1:
             raise ConfigError(f"data.reference_gap={reference_gap} cannot hold a clip of {span} frames; use 0 or at "
                               f"least {span - 1}")
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
-        self.reference_gap = reference_gap
+        self.reference_gap, self.color_jitter = reference_gap, color_jitter
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -265,6 +266,9 @@ class TalkingHeadDataset(Dataset):
     def _sample(self, video: VideoEntry, key: int) -> dict[str, torch.Tensor]:
         ref_index, targets = self.frame_indices(video, key)
         frames = read_frames(video.path, [ref_index, *targets])
+        if self.color_jitter:  # one gain for the whole sample, from its own stream: frame choices stay as without
+            gain = np.random.default_rng([self.seed, key, 1]).uniform(1 - self.color_jitter, 1 + self.color_jitter, 3)
+            frames = {i: (f * gain).round().clip(0, 255).astype(np.uint8) for i, f in frames.items()}
         ref = Image.fromarray(fit_frame(frames[ref_index], *self.ref_size))
         s = self.pose_size
         item = {
@@ -295,7 +299,7 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         scan_videos(cfg, span), num_frames, contiguous, (cfg.height, cfg.width),
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
-        max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap)
+        max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter)
 
 
 class EpochSampler(Sampler[int]):
