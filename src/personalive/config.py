@@ -236,8 +236,8 @@ class DataConfig:
     frames_per_sample: int = 1  # stages 1-2: target frames per reference (random frames of the same video)
     frame_stride: int = 1  # stage 3: take every n-th frame of the video for a clip
     max_frames: int = 0  # sample only the first n frames of each video (0: all); frames are decoded sequentially
-    # every target at most n frames from its reference (0: anywhere in the video). Near references make copying the
-    # reference pay, which a small data set (one identity) otherwise does not teach; stage 3 needs n >= clip span - 1
+    # the first target (stage 3: the clip's first frame) at most n frames from the reference (0: anywhere in the
+    # video). Near references make copying the reference pay, which a small data set (one identity) does not teach
     reference_gap: int = 0
     # the reference and its targets get the same random gain per colour channel, in [1 - x, 1 + x]: their colours
     # can then only come from the reference, not from weights that memorised the data set (0: off)

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 from transformers import CLIPImageProcessorPil
 
 from personalive.config import TrainConfig, resolve_path
-from personalive.errors import ConfigError, PersonaLiveError, VideoReadError
+from personalive.errors import PersonaLiveError, VideoReadError
 from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.video import VideoReader
 
@@ -209,17 +209,13 @@ class TalkingHeadDataset(Dataset):
         videos: from `scan_videos`. num_frames: targets per sample. contiguous: a clip of consecutive frames
         (every `stride`-th) instead of random frames. size / ref_size: (H, W) of targets / reference.
         pose_size: S. clip_size: c. max_frames: sample from the first frames only (0: all). motion_width: D.
-        reference_gap: every target at most this many frames from the reference (0: anywhere). color_jitter: x, the
+        reference_gap: the first target at most this many frames from the reference (0: anywhere). color_jitter: x, the
         reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none).
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
                  stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0):
-        span = (num_frames - 1) * stride + 1 if contiguous else 1
-        if reference_gap and reference_gap < span - 1:
-            raise ConfigError(f"data.reference_gap={reference_gap} cannot hold a clip of {span} frames; use 0 or at "
-                              f"least {span - 1}")
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
         self.reference_gap, self.color_jitter = reference_gap, color_jitter
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
@@ -236,19 +232,14 @@ class TalkingHeadDataset(Dataset):
         """(reference index, target indices) of sample `key` from `video`."""
         rng = np.random.default_rng([self.seed, key])
         limit = min(video.num_frames, self.max_frames) if self.max_frames else video.num_frames
-        span = (self.num_frames - 1) * self.stride + 1 if self.contiguous else 1
-        ref, gap = None, self.reference_gap
-        lo, hi = 0, limit - span  # first target (clip start) or the range of random targets: [lo, hi + span - 1]
-        if gap:  # the reference first, then targets within `gap` of it
-            ref = int(rng.integers(0, limit))
-            lo, hi = max(lo, ref - gap), min(hi, ref + gap - span + 1)
         if self.contiguous:
-            start = int(rng.integers(lo, hi + 1))
+            span = (self.num_frames - 1) * self.stride + 1
+            start = int(rng.integers(0, limit - span + 1))
             targets = [start + i * self.stride for i in range(self.num_frames)]
         else:
-            n = hi - lo + 1
-            targets = sorted(lo + int(i) for i in rng.choice(n, self.num_frames, replace=n < self.num_frames))
-        return (int(rng.integers(0, limit)) if ref is None else ref), targets
+            targets = sorted(int(i) for i in rng.choice(limit, self.num_frames, replace=limit < self.num_frames))
+        gap = self.reference_gap or limit
+        return int(rng.integers(max(0, targets[0] - gap), min(limit, targets[0] + gap + 1))), targets
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         n = len(self.videos)
