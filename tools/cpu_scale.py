@@ -146,10 +146,13 @@ def strip(rows: dict[str, np.ndarray], columns: int, scale: int = 2) -> Image.Im
 def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path) -> dict:
     """Score held-out self-reenactment with the protocol's reference (the first held-out frame), with the first
     training frame (another pose, so copying the reference no longer scores well), each with a strip, and with a
-    plain grey image (does the model use its reference at all?)."""
+    plain grey image (does the model use its reference at all?). Stages 1 and 2's outputs are scored too (what each
+    stage adds), but not drawn."""
     held_out = fit[train_frames:]
+    folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
+               "trained": trained}
     engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
-               for name, folder in (("untrained", weights), ("trained", trained))}
+               for name, folder in folders.items()}
     ceiling = vae_round_trip(engines["untrained"].models.vae, held_out)  # frozen in every stage: one for both
     result = {}
     for key, picture, reference in (("scores", "strip.png", held_out[0]),
@@ -160,7 +163,8 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
                   "vae_ceiling": ceiling}
         result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
         if picture:
-            strip(videos, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
+            drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2")}
+            strip(drawn, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
     return result
 
 

@@ -32,7 +32,7 @@ def test_chain_runs_end_to_end(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
         "stage1", "stage2", "stage3"}
-    for name in ("reference", "untrained", "trained", "vae_ceiling"):
+    for name in ("reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling"):
         s = result["scores"][name]
         assert 0 <= s["l1"] <= 1 and -1 <= s["ssim"] <= 1 and np.isfinite(s["psnr"]), name
     assert result["scores"]["reference"]["l1"] > 0  # the clip moves
@@ -43,7 +43,7 @@ def test_chain_runs_end_to_end(tmp_path):
         assert Image.open(out / picture).size == (6 * 64 * 2, 5 * 64 * 2)
     assert result["scores_frame0"]["reference"]["l1"] > result["scores"]["reference"]["l1"]  # a farther pose
     assert result["scores_frame0"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
-    assert set(result["scores_grey"]) == {"reference", "untrained", "trained", "vae_ceiling"}
+    assert set(result["scores_grey"]) == {"reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling"}
 
     (out / "strip.png").unlink()
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 0  # no training: the same numbers and pictures again
