@@ -50,7 +50,7 @@ def test_chain_runs_end_to_end(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again == result and (out / "strip.png").is_file()
 
-    # the same VAE, other training settings (every target near its reference, through all three stages)
+    # the same VAE, other training settings (the first target near its reference, in all three stages)
     out2 = tmp_path / "out2"
     assert run_tool("cpu_scale", [*argv[2:], "--out", str(out2), "--weights-from", str(out),
                                   "data.reference_gap=27"]) == 0
