@@ -302,6 +302,7 @@ class TrainConfig(PersonaLiveConfig):
     save_dtype: str = "fp32"  # dtype of the personalive/*.pth files written (official release: fp16)
     log_every: int = 1  # console log every n steps (metrics.jsonl and trackers get every step)
     report_to: str = "tensorboard"  # tensorboard (when installed) | none
+    snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weighting (training/losses.py; 5 is usual); None: off
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -335,6 +336,8 @@ class TrainConfig(PersonaLiveConfig):
                                                                                  self.data.reference_gap) < 0:
             raise ConfigError("data.frames_per_sample and data.frame_stride must be >= 1, data.max_frames and "
                               "data.reference_gap >= 0")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"snr_gamma={self.snr_gamma} must be > 0 (or null: unweighted losses)")
         if not 0 <= self.data.color_jitter < 1:
             raise ConfigError(f"data.color_jitter={self.data.color_jitter} must be in [0, 1)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:

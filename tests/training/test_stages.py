@@ -14,7 +14,7 @@ from personalive.errors import ConfigError, WeightsNotFoundError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import build_dataset
 from personalive.training.loop import step_generator, train
-from personalive.training.losses import LPIPS
+from personalive.training.losses import LPIPS, snr_weights
 from personalive.training.stages import build_stage, clip_frames, set_trainable, trainable_modules
 from personalive.weights import init_training_models, load_models
 
@@ -122,6 +122,43 @@ def test_overfitting_one_batch_lowers_the_loss(stage, tiny_weights, video_dir, t
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_min_snr_weights_count_noisy_steps_as_noise_errors():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 333, 999])
+    alpha = scheduler.alphas_cumprod[t]
+    snr = alpha / (1 - alpha)  # about [1175, 0.81, 0.0002]
+    assert snr_weights(scheduler, t, None, "sample") is None
+    torch.testing.assert_close(snr_weights(scheduler, t, 5.0, "sample"), torch.stack([torch.tensor(5.0), *snr[1:]]))
+    torch.testing.assert_close(snr_weights(scheduler, t, 5.0, "noise"), torch.tensor([5 / snr[0], 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_snr_gamma_weighs_each_stage_loss(stage, tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(stage, tiny_weights, video_dir, tmp_path, "sliding.rollout_steps=1", "distill.perceptual_weight=0")
+    models = init_training_models(cfg) if stage == 1 else load_models(cfg)
+    net = build_stage(models, cfg)
+    frames, contiguous = clip_frames(cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, frames, contiguous, 32)[0]])
+
+    def loss(gamma):
+        net.cfg.snr_gamma = gamma
+        with torch.no_grad():
+            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+
+    plain = loss(None)
+    if stage == 1:  # noise terms: every weight is 1 while gamma exceeds every SNR, < 1 when below every SNR
+        torch.testing.assert_close(loss(1e6)["loss"], plain["loss"])
+        assert 0 < loss(1e-4)["loss"] < plain["loss"]
+        return
+    weighted = loss(5.0)
+    assert torch.isfinite(weighted["loss"]) and not torch.isclose(weighted["loss"], plain["loss"])
+    torch.testing.assert_close(weighted["l2"], plain["loss"])  # same predictions; the plain error is still logged
+    if stage == 3:  # the pure-noise chunk no longer dominates
+        assert weighted["loss"] < plain["loss"]
+
+
 def test_trainable_modules_select_what_trains(tiny_cfg, tiny_weights, video_dir, tmp_path):
     models = load_models(tiny_cfg)
     nets = set_trainable(models, ("temporal_module", "pose_guider"))
@@ -151,6 +188,8 @@ def test_stage1_starts_from_the_sd_unet(tiny_weights, video_dir, tmp_path):
 
 
 def test_bad_config_fails_before_any_work(tiny_weights, video_dir, tmp_path):
+    with pytest.raises(ConfigError, match="snr_gamma=0"):
+        train_cfg(1, tiny_weights, video_dir, tmp_path, "snr_gamma=0")
     with pytest.raises(ConfigError, match="train_batch_size=2: stage 3"):
         train_cfg(3, tiny_weights, video_dir, tmp_path, "train_batch_size=2")
     with pytest.raises(ConfigError, match="data_dir="):

@@ -45,7 +45,7 @@ from personalive.config import TrainConfig
 from personalive.errors import ConfigError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import motion_input, unpack_motion
-from personalive.training.losses import LPIPS, mse
+from personalive.training.losses import LPIPS, mse, snr_weights
 from personalive.weights import OFFICIAL_FILES, PersonaLiveModels
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ class TrainingStage(nn.Module):
             for name in ("reference_unet", "denoising_unet"):
                 if name in self.nets:
                     self.nets[name].enable_gradient_checkpointing()
+
+    def snr_weights(self, t: torch.Tensor, target: str) -> torch.Tensor | None:
+        """Min-SNR-gamma loss weights at timesteps t (`cfg.snr_gamma`), or None (unweighted)."""
+        return snr_weights(self.scheduler.ddim, t, self.cfg.snr_gamma, target)
 
     def trains(self, net: str) -> bool:
         return net in self.nets and any(p.requires_grad for p in self.nets[net].parameters())
@@ -223,7 +227,8 @@ class HybridMotionStage(TrainingStage):
         t = torch.randint(0, steps, (b,), generator=generator, device=generator.device).repeat_interleave(f)
         noisy = self.scheduler.add_noise(latents, noise, t)  # t in "(b f)" order
         eps = self.unet(noisy, t, clip, motion, pose)
-        return {"loss": mse(eps, noise)}
+        weight = self.snr_weights(t, "noise")
+        return {"loss": mse(eps, noise, None if weight is None else rearrange(weight, "(b f) -> b 1 f 1 1", f=f))}
 
 
 class DistillationStage(TrainingStage):
@@ -245,7 +250,8 @@ class DistillationStage(TrainingStage):
                 x_prev, x0 = self.scheduler.step(eps, t, x)
             x = x_prev
         out = {"l2": mse(x0, target), "num_steps": torch.tensor(float(k), device=x.device)}
-        out["loss"] = out["l2"]
+        weight = self.snr_weights(t[:1], "sample")  # one timestep for the whole batch
+        out["loss"] = out["l2"] if weight is None else mse(x0, target, weight)
         if self.lpips is not None:
             flat = rearrange(frames, "b f c h w -> (b f) c h w")
             out["lpips"] = self.lpips(self.decode(x0), flat.to(x0.dtype)).mean()
@@ -290,7 +296,9 @@ class SlidingStage(TrainingStage):
         eps = self.unet(window, timesteps, clip, motion, pose)
         _, x0 = self.scheduler.step(eps, timesteps, window)
         truth = target[:, :, rollout * w: rollout * w + len(timesteps)]  # the window's frames, oldest chunk first
-        return {"loss": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
+        weight = self.snr_weights(timesteps, "sample")  # per frame
+        return {"loss": mse(x0, truth, None if weight is None else weight[:, None, None]),
+                "l2": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
 
 
 STAGES: dict[int, type[TrainingStage]] = {1: HybridMotionStage, 2: DistillationStage, 3: SlidingStage}
