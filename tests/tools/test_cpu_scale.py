@@ -5,10 +5,11 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from conftest import ROOT, load_tool, run_tool
 from PIL import Image
 
-from personalive.config import load_config
+from personalive.config import TrainConfig, load_config
 from personalive.io.video import VideoWriter
 from personalive.weights import load_network
 
@@ -50,13 +51,17 @@ def test_chain_runs_end_to_end(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again == result and (out / "strip.png").is_file()
 
-    # the same VAE, other training settings (the first target near its reference, in all three stages)
+    # the same VAE, other training settings (the first target near its reference in all three stages, loss
+    # weighting in stage 2 only)
     out2 = tmp_path / "out2"
     assert run_tool("cpu_scale", [*argv[2:], "--out", str(out2), "--weights-from", str(out),
-                                  "data.reference_gap=27"]) == 0
+                                  "data.reference_gap=27", "stage2:snr_gamma=5"]) == 0
     second = json.loads((out2 / "results.json").read_text())
     assert second["vae_pretraining"] == result["vae_pretraining"] and second["weights_from"] == str(out)
-    assert "data.reference_gap=27" in second["overrides"]
+    assert {"data.reference_gap=27", "stage2:snr_gamma=5"} <= set(second["overrides"])
+    for stage in (1, 2, 3):
+        cfg = load_config(out2 / f"train/stage{stage}/final/config.yaml", schema=TrainConfig)
+        assert cfg.data.reference_gap == 27 and cfg.snr_gamma == (5 if stage == 2 else None)
     vae = "random_weights/sd-vae-ft-mse/diffusion_pytorch_model.bin"
     assert (out2 / vae).read_bytes() == (out / vae).read_bytes()
     assert second["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
@@ -81,6 +86,12 @@ def test_rescore_or_weights_from_without_a_run_is_one_line(tmp_path, caplog):
     assert "no finished run in" in caplog.text
     assert run_tool("cpu_scale", [*argv, "--weights-from", str(tmp_path / "none")]) == 2
     assert f"--weights-from {tmp_path / 'none'}: no finished run there" in caplog.text
+
+
+def test_a_stage_scoped_override_names_a_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_tool("cpu_scale").main(["--out", str(tmp_path), "stage4:snr_gamma=5"])
+    assert "stage1:key=value" in capsys.readouterr().err
 
 
 def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
