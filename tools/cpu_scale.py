@@ -103,6 +103,12 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
             "scaling_factor": config["scaling_factor"]}
 
 
+def split_scope(override: str) -> tuple[str | None, str]:
+    """"stage2:key=value" -> ("stage2", "key=value"); "key=value" -> (None, "key=value")."""
+    scope, colon, rest = override.partition(":")
+    return (scope, rest) if colon and "=" not in scope else (None, override)
+
+
 def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
     """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage).
     `overrides` reach every stage; those written `stageN:key=value` only stage N."""
@@ -110,8 +116,7 @@ def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrid
 
     init, seconds = None, {}
     for stage, n in enumerate(steps, start=1):
-        mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
-                if ":" not in o.split("=", 1)[0] or o.startswith(f"stage{stage}:")]
+        mine = [override for scope, override in map(split_scope, overrides) if scope in (None, f"stage{stage}")]
         cfg = load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
             f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}",
             f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}", "log_every=25",
@@ -239,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.train_frames < 2 or args.test_frames < 2 or min(args.steps) < 1:
         parser.error("--train-frames and --test-frames must be at least 2, --steps at least 1")
-    scoped = [o for o in args.overrides if ":" in o.split("=", 1)[0]]
-    if any(o.split(":", 1)[0] not in ("stage1", "stage2", "stage3") for o in scoped):
-        parser.error(f"{scoped}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
+    scopes = {scope for scope, _ in map(split_scope, args.overrides)} - {None, "stage1", "stage2", "stage3"}
+    if scopes:
+        parser.error(f"{sorted(scopes)}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
 
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
