@@ -296,9 +296,10 @@ class SlidingStage(TrainingStage):
         eps = self.unet(window, timesteps, clip, motion, pose)
         _, x0 = self.scheduler.step(eps, timesteps, window)
         truth = target[:, :, rollout * w: rollout * w + len(timesteps)]  # the window's frames, oldest chunk first
+        out = {"l2": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
         weight = self.snr_weights(timesteps, "sample")  # per frame
-        return {"loss": mse(x0, truth, None if weight is None else weight[:, None, None]),
-                "l2": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
+        out["loss"] = out["l2"] if weight is None else mse(x0, truth, weight[:, None, None])
+        return out
 
 
 STAGES: dict[int, type[TrainingStage]] = {1: HybridMotionStage, 2: DistillationStage, 3: SlidingStage}
