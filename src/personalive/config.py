@@ -242,6 +242,10 @@ class DataConfig:
     # the reference and its targets get the same random gain per colour channel, in [1 - x, 1 + x]: their colours
     # can then only come from the reference, not from weights that memorised the data set (0: off)
     color_jitter: float = 0.0
+    # the driver's face crops (the motion encoder's input) get their own random gain per colour channel, in
+    # [1 - x, 1 + x]: in self-reenactment the crop is cut from the target itself, and would otherwise carry the
+    # target's appearance past the reference (0: off)
+    driver_jitter: float = 0.0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -338,7 +342,8 @@ class TrainConfig(PersonaLiveConfig):
                               "data.reference_gap >= 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be > 0 (or null: unweighted losses)")
-        if not 0 <= self.data.color_jitter < 1:
-            raise ConfigError(f"data.color_jitter={self.data.color_jitter} must be in [0, 1)")
+        for key in ("color_jitter", "driver_jitter"):
+            if not 0 <= getattr(self.data, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be in [0, 1)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

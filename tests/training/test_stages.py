@@ -159,6 +159,26 @@ def test_snr_gamma_weighs_each_stage_loss(stage, tiny_weights, video_dir, tmp_pa
         assert weighted["loss"] < plain["loss"]
 
 
+def test_driver_jitter_recolours_only_the_motion_encoders_face_crops(tiny_weights, video_dir, tmp_path):
+    def batch(*overrides):
+        cfg = train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides)
+        return cfg, torch.utils.data.default_collate([build_dataset(cfg, 2, False, 32)[3]])
+
+    cfg, jittered = batch("data.driver_jitter=0.5")
+    _, plain = batch()
+    gain = jittered["driver_gain"][0]
+    assert ((gain - 1).abs() > 0.02).any() and ((gain - 1).abs() <= 0.5).all() and plain["driver_gain"].eq(1).all()
+    assert all(torch.equal(jittered[k], plain[k]) for k in plain if k != "driver_gain")  # the sample is the same
+    net = build_stage(init_training_models(cfg), cfg)
+    frames = jittered["frames"]
+    faces, canvas = net.conditions(jittered, frames)
+    faces0, canvas0 = net.conditions(plain, frames)
+    assert torch.equal(canvas, canvas0)
+    torch.testing.assert_close(faces, ((faces0 + 1) * gain[:, None, None, None] - 1).clamp(-1, 1))
+    with pytest.raises(ConfigError, match="driver_jitter=1.5"):
+        batch("data.driver_jitter=1.5")
+
+
 def test_trainable_modules_select_what_trains(tiny_cfg, tiny_weights, video_dir, tmp_path):
     models = load_models(tiny_cfg)
     nets = set_trainable(models, ("temporal_module", "pose_guider"))

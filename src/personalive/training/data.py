@@ -203,21 +203,24 @@ class TalkingHeadDataset(Dataset):
     - `cached`: () bool, whether the two next entries hold cached motion-extractor outputs (else zeros);
     - `ref_motion`: (D,) and `motion`: (f, D) float32, packed raw motion-extractor outputs (`unpack_motion`);
     - `face_boxes`: (f, 4) float32, cached MediaPipe face boxes (x1, y1, x2, y2) as fractions of the width and
-      height, or -1 where there is none (the training step then uses keypoint boxes, as online inference).
+      height, or -1 where there is none (the training step then uses keypoint boxes, as online inference);
+    - `driver_gain`: (3,) float32, the gain per colour channel of the driver's face crops (ones: none).
 
     Args:
         videos: from `scan_videos`. num_frames: targets per sample. contiguous: a clip of consecutive frames
         (every `stride`-th) instead of random frames. size / ref_size: (H, W) of targets / reference.
         pose_size: S. clip_size: c. max_frames: sample from the first frames only (0: all). motion_width: D.
         reference_gap: the first target at most this many frames from the reference (0: anywhere). color_jitter: x, the
-        reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none).
+        reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none). driver_jitter: x,
+        the same for the driver's face crops alone, as `driver_gain` (the training step applies it).
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
-                 stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0):
+                 stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0,
+                 driver_jitter: float = 0.0):
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
-        self.reference_gap, self.color_jitter = reference_gap, color_jitter
+        self.reference_gap, self.color_jitter, self.driver_jitter = reference_gap, color_jitter, driver_jitter
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -272,7 +275,11 @@ class TalkingHeadDataset(Dataset):
             "ref_motion": torch.zeros(self.motion_width),
             "motion": torch.zeros(len(targets), self.motion_width),
             "face_boxes": torch.full((len(targets), 4), -1.0),
+            "driver_gain": torch.ones(3),
         }
+        if self.driver_jitter:
+            x = self.driver_jitter
+            item["driver_gain"] = torch.from_numpy(np.random.default_rng([self.seed, key, 2]).uniform(1 - x, 1 + x, 3).astype(np.float32))
         if video.cache is not None:
             with np.load(video.cache, allow_pickle=False) as z:
                 motion, boxes = z["motion"], z["boxes"]
@@ -290,7 +297,8 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         scan_videos(cfg, span), num_frames, contiguous, (cfg.height, cfg.width),
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
-        max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter)
+        max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter,
+        driver_jitter=cfg.data.driver_jitter)
 
 
 class EpochSampler(Sampler[int]):

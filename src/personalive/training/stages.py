@@ -176,6 +176,8 @@ class TrainingStage(nn.Module):
             scale = torch.tensor([width, height, width, height], device=cached.device)
             boxes = torch.where(cached[:, :1] >= 0, (cached * scale).long(), boxes)
             faces = kp.crop_faces(flat, boxes, m.motion_encoder.config.image_size)
+            gain = batch["driver_gain"].to(faces).repeat_interleave(f, dim=0)[:, :, None, None]  # (b f, 3, 1, 1)
+            faces = ((faces + 1) * gain - 1).clamp(-1, 1)  # a gain on the [0, 1] values
             posed = kp.transform_keypoints(kp.retarget(ref, ref, driving, t_scale=1.0))
             canvas = kp.draw_keypoints(posed, height, width)
         faces, canvas = (rearrange(x, "(b f) c h w -> b c f h w", f=f) for x in (faces, canvas))
