@@ -48,10 +48,11 @@ def test_items_have_documented_shapes_and_are_deterministic(tiny_weights, video_
     shapes = {k: tuple(v.shape) for k, v in item.items()}
     assert shapes == {"key": (), "ref_clip": (3, 32, 32), "ref_image": (3, 64, 64), "ref_pose": (3, 64, 64),
                       "frames": (2, 3, 64, 64), "cached": (), "ref_motion": (265,), "motion": (2, 265),
-                      "face_boxes": (2, 4)}
+                      "face_boxes": (2, 4), "driver_gain": (3,)}
     assert -1 <= item["frames"].min() < item["frames"].max() <= 1
     assert 0 <= item["ref_pose"].min() and item["ref_pose"].max() <= 1
     assert int(item["key"]) == 4 and not item["cached"] and (item["face_boxes"] == -1).all()
+    assert item["driver_gain"].eq(1).all()
     again = ds[4]
     assert all(torch.equal(item[k], again[k]) for k in item)  # a key is a sample
     assert not torch.equal(ds[7]["frames"], item["frames"])  # same video (7 % 3 == 4 % 3), other frames
