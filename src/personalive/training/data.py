@@ -257,11 +257,16 @@ class TalkingHeadDataset(Dataset):
                 self._bad.add(video.path)
         raise VideoReadError(f"no readable video left among {n}; see the warnings above")
 
+    def gain(self, key: int, stream: int, x: float) -> np.ndarray:
+        """(3,) float32 random gains in [1 - x, 1 + x] of sample `key`, from a stream of their own: the frame choices
+        stay as without."""
+        return np.random.default_rng([self.seed, key, stream]).uniform(1 - x, 1 + x, 3).astype(np.float32)
+
     def _sample(self, video: VideoEntry, key: int) -> dict[str, torch.Tensor]:
         ref_index, targets = self.frame_indices(video, key)
         frames = read_frames(video.path, [ref_index, *targets])
-        if self.color_jitter:  # one gain for the whole sample, from its own stream: frame choices stay as without
-            gain = np.random.default_rng([self.seed, key, 1]).uniform(1 - self.color_jitter, 1 + self.color_jitter, 3)
+        if self.color_jitter:  # one gain for the whole sample
+            gain = self.gain(key, 1, self.color_jitter)
             frames = {i: (f * gain).round().clip(0, 255).astype(np.uint8) for i, f in frames.items()}
         ref = Image.fromarray(fit_frame(frames[ref_index], *self.ref_size))
         s = self.pose_size
@@ -275,11 +280,8 @@ class TalkingHeadDataset(Dataset):
             "ref_motion": torch.zeros(self.motion_width),
             "motion": torch.zeros(len(targets), self.motion_width),
             "face_boxes": torch.full((len(targets), 4), -1.0),
-            "driver_gain": torch.ones(3),
+            "driver_gain": torch.from_numpy(self.gain(key, 2, self.driver_jitter)),
         }
-        if self.driver_jitter:
-            x = self.driver_jitter
-            item["driver_gain"] = torch.from_numpy(np.random.default_rng([self.seed, key, 2]).uniform(1 - x, 1 + x, 3).astype(np.float32))
         if video.cache is not None:
             with np.load(video.cache, allow_pickle=False) as z:
                 motion, boxes = z["motion"], z["boxes"]
