@@ -20,8 +20,13 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
    and "vae_ceiling", the held-out frames through the (frozen) VAE and back: about the best a model that decodes
    with this VAE can do.
 
+   Also "reference_latent": the reference's own VAE latent decoded for every frame, i.e. copying through the VAE.
+
    The same again with the first training frame as the reference (another pose): "scores_frame0"; and with a
    plain grey reference, which tells whether the model uses its reference at all: "scores_grey".
+4. The protocol on the training frames, for the trained model and the reference baseline: "scores_train", one
+   entry per segment of --test-frames training frames (reference = its first frame). Beating the baseline there
+   but not on the held-out frames means the model fits but does not generalise.
 
 Writes OUT/results.json (numbers, settings, step times), OUT/strip.png and OUT/strip_frame0.png (rows: driver,
 reference baseline, untrained, trained, VAE ceiling; columns: held-out frames).
@@ -152,28 +157,43 @@ def strip(rows: dict[str, np.ndarray], columns: int, scale: int = 2) -> Image.Im
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+@torch.no_grad()
+def latent_copy(vae, reference: np.ndarray, n: int) -> np.ndarray:
+    """The reference's VAE latent decoded `n` times, uint8 (n, H, W, 3): what a model that ignores its driver and
+    reproduces its reference perfectly would output through this VAE."""
+    return np.repeat(vae_round_trip(vae, reference[None]), n, axis=0)
+
+
 def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path) -> dict:
     """Score held-out self-reenactment with the protocol's reference (the first held-out frame), with the first
     training frame (another pose, so copying the reference no longer scores well), each with a strip, and with a
     plain grey image (does the model use its reference at all?). Stages 1 and 2's outputs are scored too (what each
-    stage adds), but not drawn."""
+    stage adds), but not drawn. Then the same protocol on the training frames, one segment as long as the held-out
+    part at a time (reference = its first frame), for the trained model and the reference baseline: can the model
+    beat copying where it was trained, i.e. is a loss on the held-out frames a failure to fit or to generalise?"""
     held_out = fit[train_frames:]
     folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
                "trained": trained}
     engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
                for name, folder in folders.items()}
-    ceiling = vae_round_trip(engines["untrained"].models.vae, held_out)  # frozen in every stage: one for both
+    vae = engines["untrained"].models.vae  # frozen in every stage: one for all
+    ceiling = vae_round_trip(vae, held_out)
     result = {}
     for key, picture, reference in (("scores", "strip.png", held_out[0]),
                                     ("scores_frame0", "strip_frame0.png", fit[0]),
                                     ("scores_grey", None, np.full_like(fit[0], 128))):
         videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
                   **{name: animate(engine, reference, held_out) for name, engine in engines.items()},
-                  "vae_ceiling": ceiling}
+                  "vae_ceiling": ceiling, "reference_latent": latent_copy(vae, reference, len(held_out))}
         result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
         if picture:
-            drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2")}
+            drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2", "reference_latent")}
             strip(drawn, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
+    n = len(held_out)
+    result["scores_train"] = [
+        {"first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
+         "trained": scores(animate(engines["trained"], segment[0], segment), segment)}
+        for start in range(0, train_frames - n + 1, n) for segment in [fit[start:start + n]]]
     return result
 
 

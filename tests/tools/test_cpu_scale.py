@@ -33,7 +33,7 @@ def test_chain_runs_end_to_end(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
         "stage1", "stage2", "stage3"}
-    for name in ("reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling"):
+    for name in ("reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling", "reference_latent"):
         s = result["scores"][name]
         assert 0 <= s["l1"] <= 1 and -1 <= s["ssim"] <= 1 and np.isfinite(s["psnr"]), name
     assert result["scores"]["reference"]["l1"] > 0  # the clip moves
@@ -44,7 +44,12 @@ def test_chain_runs_end_to_end(tmp_path):
         assert Image.open(out / picture).size == (6 * 64 * 2, 5 * 64 * 2)
     assert result["scores_frame0"]["reference"]["l1"] > result["scores"]["reference"]["l1"]  # a farther pose
     assert result["scores_frame0"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
-    assert set(result["scores_grey"]) == {"reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling"}
+    assert set(result["scores_grey"]) == {"reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling",
+                                          "reference_latent"}
+    # the protocol on the training frames: 4 segments of 8 frames, each its own first frame as the reference
+    assert [s["first_frame"] for s in result["scores_train"]] == [0, 8, 16, 24]
+    for segment in result["scores_train"]:
+        assert segment["reference"]["l1"] > 0 and 0 <= segment["trained"]["l1"] <= 1
 
     (out / "strip.png").unlink()
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 0  # no training: the same numbers and pictures again
