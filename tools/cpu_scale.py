@@ -189,11 +189,12 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
         if picture:
             drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2", "reference_latent")}
             strip(drawn, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
-    n = len(held_out)
-    result["scores_train"] = [
-        {"first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
-         "trained": scores(animate(engines["trained"], segment[0], segment), segment)}
-        for start in range(0, train_frames - n + 1, n) for segment in [fit[start:start + n]]]
+    n, result["scores_train"] = len(held_out), []
+    for start in range(0, train_frames - n + 1, n):
+        segment = fit[start:start + n]
+        result["scores_train"].append({
+            "first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
+            "trained": scores(animate(engines["trained"], segment[0], segment), segment)})
     return result
 
 
