@@ -246,6 +246,9 @@ class DataConfig:
     # [1 - x, 1 + x]: in self-reenactment the crop is cut from the target itself, and would otherwise carry the
     # target's appearance past the reference (0: off)
     driver_jitter: float = 0.0
+    # the chance that a sample is mirrored left-right (reference, targets and so the driver): twice the poses and
+    # views from the same videos (0: off)
+    hflip: float = 0.0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -345,5 +348,7 @@ class TrainConfig(PersonaLiveConfig):
         for key in ("color_jitter", "driver_jitter"):
             if not 0 <= getattr(self.data, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be in [0, 1)")
+        if not 0 <= self.data.hflip <= 1:
+            raise ConfigError(f"data.hflip={self.data.hflip} must be a probability, in [0, 1]")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

@@ -98,6 +98,20 @@ def test_color_jitter_gives_reference_and_targets_one_gain(tiny_weights, video_d
         item("data.color_jitter=1.5")
 
 
+def test_hflip_mirrors_whole_samples(tiny_weights, video_dir, tmp_path):
+    def items(*overrides):
+        ds = build_dataset(train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides), 2, False, 32)
+        return [ds[key] for key in range(12)]
+
+    plain, always, half = items(), items("data.hflip=1"), items("data.hflip=0.5")
+    for p, a, h in zip(plain, always, half, strict=True):
+        assert all(torch.equal(a[name], p[name].flip(-1)) for name in ("ref_image", "ref_pose", "frames"))
+        assert torch.equal(h["frames"], a["frames"]) != torch.equal(h["frames"], p["frames"])  # one or the other
+    assert 0 < sum(torch.equal(h["frames"], a["frames"]) for h, a in zip(half, always, strict=True)) < 12
+    with pytest.raises(ConfigError, match="hflip=1.5"):
+        items("data.hflip=1.5")
+
+
 def test_data_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(5, seed=3)
     first = list(sampler)
@@ -154,6 +168,8 @@ def test_prepare_data_cache_equals_the_keypoints_of_training(tiny_weights, video
     with torch.no_grad():
         fresh = pack_motion(extractor(motion_input(item["frames"], 64)))
     torch.testing.assert_close(item["motion"], fresh, rtol=1e-4, atol=1e-5)
+    mirrored = build_dataset(train_cfg(1, tiny_weights, data, tmp_path / "out", "data.hflip=1"), 2, False, 32)[1]
+    assert not mirrored["cached"] and (mirrored["motion"] == 0).all()  # the cache holds unmirrored keypoints
     # a changed video makes its cache stale: it is ignored, not trusted
     write_video(data / "a.mp4", face_frames(40, seed=9))
     assert [v.cache is None for v in scan_videos(cfg, 1)] == [True, False, False]

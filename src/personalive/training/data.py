@@ -212,15 +212,18 @@ class TalkingHeadDataset(Dataset):
         pose_size: S. clip_size: c. max_frames: sample from the first frames only (0: all). motion_width: D.
         reference_gap: the first target at most this many frames from the reference (0: anywhere). color_jitter: x, the
         reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none). driver_jitter: x,
-        the same for the driver's face crops alone, as `driver_gain` (the training step applies it).
+        the same for the driver's face crops alone, as `driver_gain` (the training step applies it). hflip: the chance
+        that a sample (reference and targets) is mirrored; a mirrored sample ignores the keypoint cache (`cached`
+        false), whose keypoints are those of the unmirrored frames.
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
                  stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0,
-                 driver_jitter: float = 0.0):
+                 driver_jitter: float = 0.0, hflip: float = 0.0):
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
         self.reference_gap, self.color_jitter, self.driver_jitter = reference_gap, color_jitter, driver_jitter
+        self.hflip = hflip
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -268,6 +271,9 @@ class TalkingHeadDataset(Dataset):
         if self.color_jitter:  # one gain for the whole sample
             gain = self.gain(key, 1, self.color_jitter)
             frames = {i: (f * gain).round().clip(0, 255).astype(np.uint8) for i, f in frames.items()}
+        mirrored = np.random.default_rng([self.seed, key, 3]).random() < self.hflip
+        if mirrored:
+            frames = {i: np.ascontiguousarray(f[:, ::-1]) for i, f in frames.items()}
         ref = Image.fromarray(fit_frame(frames[ref_index], *self.ref_size))
         s = self.pose_size
         item = {
@@ -276,13 +282,13 @@ class TalkingHeadDataset(Dataset):
             "ref_image": self.vae_processor.preprocess(ref, *self.ref_size)[0],
             "ref_pose": self.vae_processor.preprocess(ref, s, s)[0] / 2 + 0.5,
             "frames": frames_to_tensor(np.stack([fit_frame(frames[i], *self.size) for i in targets])),
-            "cached": torch.tensor(video.cache is not None),
+            "cached": torch.tensor(video.cache is not None and not mirrored),
             "ref_motion": torch.zeros(self.motion_width),
             "motion": torch.zeros(len(targets), self.motion_width),
             "face_boxes": torch.full((len(targets), 4), -1.0),
             "driver_gain": torch.from_numpy(self.gain(key, 2, self.driver_jitter)),
         }
-        if video.cache is not None:
+        if item["cached"]:
             with np.load(video.cache, allow_pickle=False) as z:
                 motion, boxes = z["motion"], z["boxes"]
             item["ref_motion"] = torch.from_numpy(motion[ref_index].astype(np.float32))
@@ -300,7 +306,7 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
         max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter,
-        driver_jitter=cfg.data.driver_jitter)
+        driver_jitter=cfg.data.driver_jitter, hflip=cfg.data.hflip)
 
 
 class EpochSampler(Sampler[int]):
