@@ -260,10 +260,14 @@ class TalkingHeadDataset(Dataset):
                 self._bad.add(video.path)
         raise VideoReadError(f"no readable video left among {n}; see the warnings above")
 
+    def rng(self, key: int, stream: int) -> np.random.Generator:
+        """Random stream `stream` of sample `key`: an augmentation draws from its own, so the frame choices and the
+        other augmentations stay as without it."""
+        return np.random.default_rng([self.seed, key, stream])
+
     def gain(self, key: int, stream: int, x: float) -> np.ndarray:
-        """(3,) float32 random gains in [1 - x, 1 + x] of sample `key`, from a stream of their own: the frame choices
-        stay as without."""
-        return np.random.default_rng([self.seed, key, stream]).uniform(1 - x, 1 + x, 3).astype(np.float32)
+        """(3,) float32 random gains in [1 - x, 1 + x] of sample `key`, from stream `stream`."""
+        return self.rng(key, stream).uniform(1 - x, 1 + x, 3).astype(np.float32)
 
     def _sample(self, video: VideoEntry, key: int) -> dict[str, torch.Tensor]:
         ref_index, targets = self.frame_indices(video, key)
@@ -271,7 +275,7 @@ class TalkingHeadDataset(Dataset):
         if self.color_jitter:  # one gain for the whole sample
             gain = self.gain(key, 1, self.color_jitter)
             frames = {i: (f * gain).round().clip(0, 255).astype(np.uint8) for i, f in frames.items()}
-        mirrored = np.random.default_rng([self.seed, key, 3]).random() < self.hflip
+        mirrored = self.rng(key, 3).random() < self.hflip
         if mirrored:
             frames = {i: np.ascontiguousarray(f[:, ::-1]) for i, f in frames.items()}
         ref = Image.fromarray(fit_frame(frames[ref_index], *self.ref_size))
