@@ -310,6 +310,9 @@ class TrainConfig(PersonaLiveConfig):
     log_every: int = 1  # console log every n steps (metrics.jsonl and trackers get every step)
     report_to: str = "tensorboard"  # tensorboard (when installed) | none
     snr_gamma: Optional[float] = None  # Min-SNR-gamma loss weighting (training/losses.py; 5 is usual); None: off
+    # exponential moving average of the trained weights (diffusers' EMAModel, decay min((1 + n) / (10 + n), x) at
+    # step n); the weights written (checkpoints, final) are the average, resume restores it. None: off
+    ema_decay: Optional[float] = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -345,6 +348,8 @@ class TrainConfig(PersonaLiveConfig):
                               "data.reference_gap >= 0")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be > 0 (or null: unweighted losses)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999 (or null: no average)")
         for key in ("color_jitter", "driver_jitter"):
             if not 0 <= getattr(self.data, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be in [0, 1)")

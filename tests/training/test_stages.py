@@ -2,6 +2,7 @@
 output folder as inference weights, and the stage-1 start from the SD UNet."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -210,9 +211,37 @@ def test_stage1_starts_from_the_sd_unet(tiny_weights, video_dir, tmp_path):
 def test_bad_config_fails_before_any_work(tiny_weights, video_dir, tmp_path):
     with pytest.raises(ConfigError, match="snr_gamma=0"):
         train_cfg(1, tiny_weights, video_dir, tmp_path, "snr_gamma=0")
+    with pytest.raises(ConfigError, match="ema_decay=1"):
+        train_cfg(1, tiny_weights, video_dir, tmp_path, "ema_decay=1")
     with pytest.raises(ConfigError, match="train_batch_size=2: stage 3"):
         train_cfg(3, tiny_weights, video_dir, tmp_path, "train_batch_size=2")
     with pytest.raises(ConfigError, match="data_dir="):
         train(train_cfg(1, tiny_weights, tmp_path / "missing", tmp_path / "out"))
     with pytest.raises(WeightsNotFoundError, match="init_from="):
         train(train_cfg(2, tiny_weights, video_dir, tmp_path / "out", f"init_from={tmp_path / 'nothing'}"))
+
+
+def test_ema_writes_the_moving_average_and_resume_restores_it(tiny_weights, video_dir, tmp_path):
+    """diffusers' warm-up: the average is step 1's weights after step 1, then 2/11 of them plus 9/11 of step 2's.
+    A run killed after checkpoint-1 and resumed writes the same average as one that was not."""
+    from personalive.io.checkpoints import find_weight_file, load_state_dict
+
+    def weights(folder):
+        return load_state_dict(find_weight_file(folder, "denoising_unet"))
+
+    steps = ("max_train_steps=2", "checkpointing_steps=1")
+    raw = train(train_cfg(1, tiny_weights, video_dir, tmp_path / "raw", *steps))
+    averaged = train(train_cfg(1, tiny_weights, video_dir, tmp_path / "ema", *steps, "ema_decay=0.9"))
+    p1, p2 = weights(tmp_path / "raw/checkpoint-1"), weights(raw)
+    e1, e2 = weights(tmp_path / "ema/checkpoint-1"), weights(averaged)
+    moved = [k for k in p1 if not torch.equal(p1[k], p2[k])]
+    assert moved
+    for k in p1:
+        torch.testing.assert_close(e1[k], p1[k])  # shadow - 1 * (shadow - p): p up to rounding
+        torch.testing.assert_close(e2[k], 2 / 11 * p1[k] + 9 / 11 * p2[k], rtol=1e-5, atol=1e-7)
+
+    for done in ("final", "checkpoint-2"):  # as if killed during step 2
+        shutil.rmtree(tmp_path / "ema" / done)
+    resumed = train(train_cfg(1, tiny_weights, video_dir, tmp_path / "ema", *steps, "ema_decay=0.9"))
+    for k, v in weights(resumed).items():
+        torch.testing.assert_close(v, e2[k], rtol=0, atol=0)

@@ -8,7 +8,8 @@ Outputs under `output_dir`:
   `training_state.json`, and a complete weights folder in the official layout (`personalive/*.pth`, the VAE and
   CLIP files, the diffusers/transformers `config.json` folders) with the resolved `config.yaml`, so that
   `weights_dir=<checkpoint>` works for inference and `init_from=<checkpoint>` for the next stage;
-- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, sample keys);
+- `final/`: the weights folder of the last step (with `ema_decay`, every weights folder holds the moving average of
+  the trained networks, and the accelerate state the raw weights and the average); `metrics.jsonl`: one line per step (loss, lr, sample keys);
   `logs/`: tensorboard events when tensorboard is installed.
 Every folder is written under a temporary name and renamed when complete.
 
@@ -19,6 +20,7 @@ micro-step, process), so the resumed run sees the same next batch and draws the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, is_tensorboard_available
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -105,6 +108,14 @@ def train(cfg: TrainConfig) -> Path:
     if len(dataloader) == 0:
         raise ConfigError(f"{len(dataset)} usable videos cannot fill one batch of train_batch_size="
                           f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos or lower it")
+    ema = None if cfg.ema_decay is None else EMAModel(params, decay=cfg.ema_decay)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved with, and restored from, every checkpoint
+    configs = network_configs(source)
+
+    def write(out_dir: Path) -> None:  # a weights folder of the current weights (their average, with ema_decay)
+        with averaged(ema, params):
+            write_weights(models, cfg, configs, source, out_dir)
 
     global_step = 0
     resume = _resume_checkpoint(cfg, output_dir)
@@ -121,7 +132,7 @@ def train(cfg: TrainConfig) -> Path:
             "stage": cfg.stage, "learning_rate": o.learning_rate, "train_batch_size": cfg.train_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "max_train_steps": cfg.max_train_steps})
 
-    configs, accum = network_configs(source), cfg.gradient_accumulation_steps
+    accum = cfg.gradient_accumulation_steps
     micro = global_step * accum  # micro-batches consumed so far (per process)
     epoch, skip = divmod(micro, len(dataloader))
     saved_step = global_step if resume is not None else -1
@@ -151,6 +162,8 @@ def train(cfg: TrainConfig) -> Path:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            if ema is not None:
+                ema.step(params)
             logs["lr"] = lr_scheduler.get_last_lr()[0]
             if not all(math.isfinite(v) for v in logs.values()):
                 logger.warning("step %d: non-finite %s", global_step, logs)
@@ -164,17 +177,17 @@ def train(cfg: TrainConfig) -> Path:
             progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.2e}")
             logs, keys = {}, []
             if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
-                save_checkpoint(accelerator, models, cfg, configs, source, global_step)
+                save_checkpoint(accelerator, cfg, write, global_step)
                 saved_step = global_step
             if global_step >= cfg.max_train_steps:
                 break
         epoch += 1
     progress.close()
     if saved_step != global_step:
-        save_checkpoint(accelerator, models, cfg, configs, source, global_step)
+        save_checkpoint(accelerator, cfg, write, global_step)
     final = output_dir / "final"
     if accelerator.is_main_process:
-        _atomic_dir(final, lambda tmp: write_weights(models, cfg, configs, source, tmp))
+        _atomic_dir(final, write)
         logger.info("wrote %s (weights_dir=%s works for inference, init_from=%s for the next stage)", final, final,
                     final)
     accelerator.wait_for_everyone()
@@ -208,9 +221,23 @@ def write_weights(models: PersonaLiveModels, cfg: TrainConfig, configs: dict, so
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def save_checkpoint(accelerator: Accelerator, models: PersonaLiveModels, cfg: TrainConfig, configs: dict,
-                    source: Path, step: int) -> Path:
-    """`output_dir/checkpoint-<step>`: accelerate state + weights folder, renamed into place when complete."""
+@contextlib.contextmanager
+def averaged(ema: EMAModel | None, params: list[torch.nn.Parameter]):
+    """Within the block, `params` hold the moving average of `ema` (if any); their own values afterwards."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write, step: int) -> Path:
+    """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes, renamed into
+    place when complete."""
     output_dir = Path(cfg.output_dir)
     out, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -218,7 +245,7 @@ def save_checkpoint(accelerator: Accelerator, models: PersonaLiveModels, cfg: Tr
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        write_weights(models, cfg, configs, source, tmp)
+        write(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "stage": cfg.stage}) + "\n")
         if out.exists():
             shutil.rmtree(out)
