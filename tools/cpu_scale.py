@@ -169,8 +169,9 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
     training frame (another pose, so copying the reference no longer scores well), each with a strip, and with a
     plain grey image (does the model use its reference at all?). Stages 1 and 2's outputs are scored too (what each
     stage adds), but not drawn. Then the same protocol on the training frames, one segment as long as the held-out
-    part at a time (reference = its first frame), for the trained model and the reference baseline: can the model
-    beat copying where it was trained, i.e. is a loss on the held-out frames a failure to fit or to generalise?"""
+    part at a time (reference = its first frame), for the trained model, the reference baseline and the VAE round
+    trip: can the model beat copying where it was trained, i.e. is a loss on the held-out frames a failure to fit or
+    to generalise, and how close does it come to the VAE's own error there?"""
     held_out = fit[train_frames:]
     folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
                "trained": trained}
@@ -194,7 +195,8 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
         segment = fit[start:start + n]
         result["scores_train"].append({
             "first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
-            "trained": scores(animate(engines["trained"], segment[0], segment), segment)})
+            "trained": scores(animate(engines["trained"], segment[0], segment), segment),
+            "vae_ceiling": scores(vae_round_trip(vae, segment), segment)})
     return result
 
 

@@ -50,6 +50,7 @@ def test_chain_runs_end_to_end(tmp_path):
     assert [s["first_frame"] for s in result["scores_train"]] == [0, 8, 16, 24]
     for segment in result["scores_train"]:
         assert segment["reference"]["l1"] > 0 and 0 <= segment["trained"]["l1"] <= 1
+        assert 0 < segment["vae_ceiling"]["l1"] <= 1
 
     (out / "strip.png").unlink()
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 0  # no training: the same numbers and pictures again
