@@ -8,9 +8,10 @@ Outputs under `output_dir`:
   `training_state.json`, and a complete weights folder in the official layout (`personalive/*.pth`, the VAE and
   CLIP files, the diffusers/transformers `config.json` folders) with the resolved `config.yaml`, so that
   `weights_dir=<checkpoint>` works for inference and `init_from=<checkpoint>` for the next stage;
-- `final/`: the weights folder of the last step (with `ema_decay`, every weights folder holds the moving average of
-  the trained networks, and the accelerate state the raw weights and the average); `metrics.jsonl`: one line per step (loss, lr, sample keys);
+- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, sample keys);
   `logs/`: tensorboard events when tensorboard is installed.
+With `ema_decay`, every weights folder holds the moving average of the trained networks; the accelerate state holds
+both the raw weights (which training continues from) and the average.
 Every folder is written under a temporary name and renamed when complete.
 
 Resume: `resume_from_checkpoint=latest` (the default) continues from the newest checkpoint at the same step. The
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +237,7 @@ def averaged(ema: EMAModel | None, params: list[torch.nn.Parameter]):
         ema.restore(params)
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write, step: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write: Callable[[Path], None], step: int) -> Path:
     """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes, renamed into
     place when complete."""
     output_dir = Path(cfg.output_dir)
