@@ -110,8 +110,9 @@ def train(cfg: TrainConfig) -> Path:
     if len(dataloader) == 0:
         raise ConfigError(f"{len(dataset)} usable videos cannot fill one batch of train_batch_size="
                           f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos or lower it")
-    ema = None if cfg.ema_decay is None else EMAModel(params, decay=cfg.ema_decay)
-    if ema is not None:
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = EMAModel(params, decay=cfg.ema_decay)
         accelerator.register_for_checkpointing(ema)  # saved with, and restored from, every checkpoint
     configs = network_configs(source)
 
