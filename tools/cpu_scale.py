@@ -52,7 +52,7 @@ from personalive.config import PROJECT_ROOT, TrainConfig, load_config
 from personalive.errors import ConfigError
 from personalive.evaluation import metrics as M
 from personalive.evaluation.protocol import animate, read_clip
-from personalive.io.checkpoints import CONFIG_FILES, WEIGHT_FILES, save_state_dict, write_json
+from personalive.io.checkpoints import CONFIG_FILES, WEIGHT_FILES, read_config, save_state_dict, write_json
 from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
@@ -114,6 +114,11 @@ def split_scope(override: str) -> tuple[str | None, str]:
     return (scope, rest) if colon and "=" not in scope else (None, override)
 
 
+def width_overrides(weights: Path) -> list[str]:
+    """The pose guider adds to the UNets' first block, so it follows their width (--unet-channels)."""
+    return [f"model.pose_guider.out_channels={read_config(weights, 'unet')['block_out_channels'][0]}"]
+
+
 def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
     """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage).
     `overrides` reach every stage; those written `stageN:key=value` only stage N."""
@@ -123,7 +128,7 @@ def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrid
     for stage, n in enumerate(steps, start=1):
         mine = [override for scope, override in map(split_scope, overrides) if scope in (None, f"stage{stage}")]
         cfg = load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
-            f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}",
+            f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}", *width_overrides(weights),
             f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}", "log_every=25",
             "train_batch_size=1",  # one training clip: a batch of 2 would need two videos
             *([f"init_from={init}"] if init else []), *mine], schema=TrainConfig)
@@ -175,7 +180,7 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
     held_out = fit[train_frames:]
     folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
                "trained": trained}
-    engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}"]), device="cpu")
+    engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}", *width_overrides(weights)]), device="cpu")
                for name, folder in folders.items()}
     vae = engines["untrained"].models.vae  # frozen in every stage: one for all
     ceiling = vae_round_trip(vae, held_out)
@@ -202,7 +207,8 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
 
 def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
-               rescore: bool = False, weights_from: Path | None = None) -> dict:
+               rescore: bool = False, weights_from: Path | None = None,
+               unet_channels: list[int] | None = None) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -221,21 +227,27 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
             for frame in frames[:train_frames]:
                 writer.write(frame)
-        if weights_from:  # an earlier run's random weights and pre-trained VAE
-            earlier = weights_from / "results.json"
-            if not earlier.is_file():
-                raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
-            vae = json.loads(earlier.read_text())["vae_pretraining"]
-            shutil.copytree(weights_from / "random_weights", weights, dirs_exist_ok=True)
-        else:
+        earlier = weights_from and weights_from / "results.json"
+        if earlier and not earlier.is_file():
+            raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
+        if unet_channels or not weights_from:
             subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                            "--out", str(weights), "--force"], check=True, stdout=subprocess.DEVNULL)
+                            "--out", str(weights), "--force", *(["--unet-channels", *map(str, unet_channels)]
+                                                               if unet_channels else [])],
+                           check=True, stdout=subprocess.DEVNULL)
+        if earlier:  # an earlier run's pre-trained VAE, and its random weights unless --unet-channels
+            vae = json.loads(earlier.read_text())["vae_pretraining"]
+            part = Path(CONFIG_FILES["vae"]).parent if unet_channels else Path()
+            shutil.rmtree(weights / part, ignore_errors=True)
+            shutil.copytree(weights_from / "random_weights" / part, weights / part)
+        else:
             vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
                   "overrides": overrides, "train_seconds": seconds,
-                  "weights_from": weights_from and str(weights_from), "vae_pretraining": vae}
+                  "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
+                  "unet_channels": read_config(weights, "unet")["block_out_channels"]}
     result.update(evaluate(out, fit, train_frames, weights, trained))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
@@ -259,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-from", type=Path, metavar="RUN",
                         help="start from the random weights and pre-trained VAE of an earlier run's --out (skips the "
                              "VAE pre-stage: compare training settings on one VAE)")
+    parser.add_argument("--unet-channels", type=int, nargs=4, metavar="C",
+                        help="block_out_channels of both UNets (default: the tiny config's, 32 32 64 64); with "
+                             "--weights-from, new random UNets of these widths on the earlier run's VAE")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -274,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
-                            args.vae_steps, args.vae_channels, args.rescore, args.weights_from)
+                            args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

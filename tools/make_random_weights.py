@@ -32,18 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument("--unet-channels", type=int, nargs="+", metavar="C",
+                        help="the UNets' block_out_channels instead of the size's (the pose guider follows)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.pose_guider...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config_path, default_out = SIZES[args.size]
     out = args.out or Path(default_out)
+    widths = [f"model.pose_guider.out_channels={args.unet_channels[0]}"] if args.unet_channels else []
     try:
-        cfg = load_config(PROJECT_ROOT / config_path, args.overrides)
+        cfg = load_config(PROJECT_ROOT / config_path, [*widths, *args.overrides])
         existing = [out / WEIGHT_FILES[f][-1] for f in OFFICIAL_FILES if (out / WEIGHT_FILES[f][-1]).exists()]
         if existing and not args.force:
             raise PersonaLiveError(f"{existing[0]} exists; pass --force to overwrite (is {out} a real weights folder?)")
         configs = {name: _read_json(PROJECT_ROOT / f"configs/weights/{args.size}/{name}.json")
                    for name in ("unet", "vae", "image_encoder")}
+        if args.unet_channels:
+            if len(args.unet_channels) != len(configs["unet"]["block_out_channels"]):
+                raise PersonaLiveError(f"--unet-channels needs {len(configs['unet']['block_out_channels'])} widths, "
+                                       f"one per UNet block; got {len(args.unet_channels)}")
+            configs["unet"]["block_out_channels"] = args.unet_channels
         torch.manual_seed(args.seed)
         models = build_models(cfg, configs)
         perturb_zero_init(models)

@@ -72,6 +72,16 @@ def test_chain_runs_end_to_end(tmp_path):
     assert (out2 / vae).read_bytes() == (out / vae).read_bytes()
     assert second["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
 
+    # the same VAE, wider UNets (new random ones; the pose guider, which adds to their first block, follows)
+    out3 = tmp_path / "out3"
+    assert run_tool("cpu_scale", [*argv[2:], "--out", str(out3), "--weights-from", str(out),
+                                  "--unet-channels", "64", "64", "64", "64"]) == 0
+    third = json.loads((out3 / "results.json").read_text())
+    assert result["unet_channels"] == [32, 32, 64, 64] and third["unet_channels"] == [64, 64, 64, 64]
+    assert load_config(out3 / "train/stage3/final/config.yaml", schema=TrainConfig).model.pose_guider.out_channels == 64
+    assert (out3 / vae).read_bytes() == (out / vae).read_bytes()
+    assert third["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
+
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
     clip = tmp_path / "short.mp4"
