@@ -181,7 +181,8 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
     held_out = fit[train_frames:]
     folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
                "trained": trained}
-    engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}", *width_overrides(weights)]), device="cpu")
+    widths = width_overrides(weights)
+    engines = {name: build_engine(load_config(TINY, [f"weights_dir={folder}", *widths]), device="cpu")
                for name, folder in folders.items()}
     vae = engines["untrained"].models.vae  # frozen in every stage: one for all
     ceiling = vae_round_trip(vae, held_out)
@@ -232,10 +233,9 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         if earlier and not earlier.is_file():
             raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
         if unet_channels or not weights_from:
+            widths = ["--unet-channels", *map(str, unet_channels)] if unet_channels else []
             subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                            "--out", str(weights), "--force", *(["--unet-channels", *map(str, unet_channels)]
-                                                               if unet_channels else [])],
-                           check=True, stdout=subprocess.DEVNULL)
+                            "--out", str(weights), "--force", *widths], check=True, stdout=subprocess.DEVNULL)
         if earlier:  # an earlier run's pre-trained VAE, and its random weights unless --unet-channels
             vae = json.loads(earlier.read_text())["vae_pretraining"]
             part = Path(CONFIG_FILES["vae"]).parent if unet_channels else Path()
