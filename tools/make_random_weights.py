@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.add_argument("--unet-channels", type=int, nargs="+", metavar="C",
                         help="the UNets' block_out_channels instead of the size's (the pose guider follows)")
+    parser.add_argument("--latent-channels", type=int, metavar="N",
+                        help="the VAE's latent channels, and so the UNets' input and output, instead of the size's")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. model.pose_guider...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise PersonaLiveError(f"--unet-channels needs {len(configs['unet']['block_out_channels'])} widths, "
                                        f"one per UNet block; got {len(args.unet_channels)}")
             configs["unet"]["block_out_channels"] = args.unet_channels
+        if args.latent_channels:
+            configs["vae"]["latent_channels"] = args.latent_channels
+            configs["unet"].update(in_channels=args.latent_channels, out_channels=args.latent_channels)
         torch.manual_seed(args.seed)
         models = build_models(cfg, configs)
         perturb_zero_init(models)

@@ -29,7 +29,7 @@ def test_chain_runs_end_to_end(tmp_path):
     argv = ["--out", str(out), "--video", str(clip), "--train-frames", "32", "--test-frames", "8",
             "--steps", "1", "1", "1", "--vae-steps", "2", "--vae-channels", "8", "8", "16", "16",
             "--log-level", "WARNING"]
-    assert run_tool("cpu_scale", argv) == 0
+    assert run_tool("cpu_scale", [*argv, "--latent-channels", "8"]) == 0  # 4, SD's, everywhere else in the suite
     result = json.loads((out / "results.json").read_text())
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
         "stage1", "stage2", "stage3"}
@@ -37,7 +37,7 @@ def test_chain_runs_end_to_end(tmp_path):
         s = result["scores"][name]
         assert 0 <= s["l1"] <= 1 and -1 <= s["ssim"] <= 1 and np.isfinite(s["psnr"]), name
     assert result["scores"]["reference"]["l1"] > 0  # the clip moves
-    assert result["vae_pretraining"]["block_out_channels"] == [8, 8, 16, 16]
+    assert result["vae_pretraining"]["block_out_channels"] == [8, 8, 16, 16] and result["latent_channels"] == 8
     for stage in (1, 2, 3):
         assert (out / f"train/stage{stage}/final/personalive/denoising_unet.pth").is_file()
     for picture in ("strip.png", "strip_frame0.png"):  # 6 frames x (driver + 4 rows), 2x
@@ -78,6 +78,9 @@ def test_chain_runs_end_to_end(tmp_path):
                                   "--unet-channels", "64", "64", "64", "64"]) == 0
     third = json.loads((out3 / "results.json").read_text())
     assert result["unet_channels"] == [32, 32, 64, 64] and third["unet_channels"] == [64, 64, 64, 64]
+    assert third["latent_channels"] == 8  # the new UNets take the earlier VAE's latents
+    assert json.loads((out3 / "random_weights/sd-image-variations-diffusers/unet/config.json").read_text())[
+        "in_channels"] == 8
     assert load_config(out3 / "train/stage3/final/config.yaml", schema=TrainConfig).model.pose_guider.out_channels == 64
     assert (out3 / vae).read_bytes() == (out / vae).read_bytes()
     assert third["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
@@ -108,6 +111,12 @@ def test_a_stage_scoped_override_names_a_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_tool("cpu_scale").main(["--out", str(tmp_path), "stage4:snr_gamma=5"])
     assert "stage1:key=value" in capsys.readouterr().err
+
+
+def test_latent_channels_come_from_the_earlier_run_with_weights_from(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_tool("cpu_scale").main(["--out", str(tmp_path), "--weights-from", str(tmp_path), "--latent-channels", "8"])
+    assert "--weights-from run's VAE" in capsys.readouterr().err
 
 
 def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
