@@ -268,7 +268,8 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    """Stage 2 (fewer-step appearance distillation): optional LPIPS perceptual loss on the decoded clean prediction.
+    """Stage 2 (fewer-step appearance distillation): optional LPIPS perceptual loss and L1 pixel loss on the decoded
+    clean prediction.
 
     LPIPS needs two local files (nothing is downloaded): torchvision's VGG16 weights and the LPIPS v0.1 linear
     layers for VGG (`lpips` package, weights/v0.1/vgg.pth). When either is missing the loss is L2 only."""
@@ -276,6 +277,7 @@ class DistillConfig:
     perceptual_weight: float = 1.0  # 0 turns the perceptual loss off
     lpips_backbone: str = "pretrained_weights/eval/vgg16-397923af.pth"
     lpips_linear: str = "pretrained_weights/eval/lpips_vgg_v0.1.pth"
+    pixel_weight: float = 0.0  # L1 of the decoded prediction against the frames ([0, 1] units), weighted as the L2
 
 
 @dataclass

@@ -160,6 +160,27 @@ def test_snr_gamma_weighs_each_stage_loss(stage, tiny_weights, video_dir, tmp_pa
         assert weighted["loss"] < plain["loss"]
 
 
+
+def test_pixel_weight_adds_the_decoded_predictions_l1(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(2, tiny_weights, video_dir, tmp_path, "distill.perceptual_weight=0")
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, 1, False, 32)[0]])
+
+    def loss(weight):
+        net.cfg.distill.pixel_weight = weight
+        with torch.no_grad():
+            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+
+    plain, pixel = loss(0.0), loss(2.0)
+    assert "pixel_l1" not in plain and 0 < pixel["pixel_l1"] < 1  # frames in [0, 1] units
+    torch.testing.assert_close(pixel["loss"], plain["loss"] + 2 * pixel["pixel_l1"])
+    net.cfg.snr_gamma = 5.0  # weighted as the L2 term: at this draw's timestep, by min(SNR, 5)
+    weighted = loss(2.0)
+    t = torch.tensor([cfg.timesteps[int(weighted["num_steps"]) - 1]])
+    w = snr_weights(net.scheduler.ddim, t, 5.0, "sample")[0]
+    torch.testing.assert_close(weighted["loss"], loss(0.0)["loss"] + 2 * w * weighted["pixel_l1"])
+
+
 def test_driver_jitter_recolours_only_the_motion_encoders_face_crops(tiny_weights, video_dir, tmp_path):
     def batch(*overrides):
         cfg = train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides)

@@ -254,10 +254,16 @@ class DistillationStage(TrainingStage):
         out = {"l2": mse(x0, target), "num_steps": torch.tensor(float(k), device=x.device)}
         weight = self.snr_weights(t[:1], "sample")  # one timestep for the whole batch
         out["loss"] = out["l2"] if weight is None else mse(x0, target, weight)
+        pixel_weight = self.cfg.distill.pixel_weight
+        if self.lpips is not None or pixel_weight:
+            decoded, flat = self.decode(x0), rearrange(frames, "b f c h w -> (b f) c h w").to(x0.dtype)
         if self.lpips is not None:
-            flat = rearrange(frames, "b f c h w -> (b f) c h w")
-            out["lpips"] = self.lpips(self.decode(x0), flat.to(x0.dtype)).mean()
+            out["lpips"] = self.lpips(decoded, flat).mean()
             out["loss"] = out["loss"] + self.cfg.distill.perceptual_weight * out["lpips"]
+        if pixel_weight:  # the metric's own space: the decoder's errors count as the evaluation counts them
+            error = (decoded.float() - flat.float()).abs() / 2  # frames in [0, 1] units
+            out["pixel_l1"] = error.mean()
+            out["loss"] = out["loss"] + pixel_weight * (out["pixel_l1"] if weight is None else (error * weight).mean())
         return out
 
 
