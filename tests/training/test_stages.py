@@ -160,7 +160,6 @@ def test_snr_gamma_weighs_each_stage_loss(stage, tiny_weights, video_dir, tmp_pa
         assert weighted["loss"] < plain["loss"]
 
 
-
 def test_pixel_weight_adds_the_decoded_predictions_l1(tiny_weights, video_dir, tmp_path):
     cfg = train_cfg(2, tiny_weights, video_dir, tmp_path, "distill.perceptual_weight=0")
     net = build_stage(load_models(cfg), cfg)
