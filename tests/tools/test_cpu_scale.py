@@ -6,11 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, load_tool, run_tool
 from PIL import Image
 
 from personalive.config import TrainConfig, load_config
+from personalive.evaluation.protocol import animate
 from personalive.io.video import VideoWriter
+from personalive.pipelines.build import build_engine
 from personalive.weights import load_network
 
 
@@ -137,3 +140,25 @@ def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
     assert after < 0.7 * before, (before, after)
     config = json.loads((weights / "sd-vae-ft-mse/config.json").read_text())
     assert config["block_out_channels"] == [8, 8, 16, 16] and config["scaling_factor"] == info["scaling_factor"] > 0
+
+
+
+def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_path):
+    """--vae-channels with 3 widths: a 16x16 latent for a 64x64 frame. The pose guider loses a stride-2 stage to
+    match it, in the random weights, in training and in the engine that scores."""
+    cpu_scale, weights, data = load_tool("cpu_scale"), tmp_path / "weights", tmp_path / "data"
+    pose = cpu_scale.pose_guider_widths(3)
+    assert pose == ["model.pose_guider.block_out_channels=[4,8,16]"] and cpu_scale.pose_guider_widths(4) == []
+    assert run_tool("make_random_weights", ["--size", "tiny", "--out", str(weights), *pose]) == 0
+    frames = sliding_frames(28, width=64)
+    cpu_scale.pretrain_vae(frames, weights, steps=2, channels=[8, 8, 16])
+    assert cpu_scale.width_overrides(weights) == ["model.pose_guider.out_channels=32", *pose]
+    data.mkdir()
+    with VideoWriter(data / "clip.mp4", 25) as writer:
+        for frame in frames:
+            writer.write(frame)
+    trained, _ = cpu_scale.train_stages(data, weights, tmp_path / "train", [1, 1, 1], [])
+    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={trained}", *pose])
+    assert load_network(cfg, "vae").encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 16, 16)
+    engine = build_engine(cfg, device="cpu")
+    assert animate(engine, frames[0], frames[:4]).shape == (4, 64, 64, 3)
