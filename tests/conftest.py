@@ -29,6 +29,16 @@ def state_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+def write_video(path: Path, frames, fps: int = 25) -> Path:
+    """uint8 (n, H, W, 3) frames as an MP4 at `path`."""
+    from personalive.io.video import VideoWriter
+
+    with VideoWriter(path, fps) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
+
+
 def load_tool(name: str):
     """`tools/<name>.py` as a module (the tools are scripts, not a package)."""
     import importlib.util

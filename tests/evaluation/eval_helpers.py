@@ -1,35 +1,13 @@
-"""Helpers of the evaluation tests: key lists, a tiny random ArcFace-shaped ONNX model, an aligner without MediaPipe,
-synthetic videos.
+"""Helpers of the evaluation tests: a tiny random ArcFace-shaped ONNX model, an aligner without MediaPipe, synthetic
+frames.
 
 (A module of its own rather than a conftest.py: `conftest` is the root conftest's module name.)
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def key_shapes(name: str) -> dict[str, list[int]]:
-    """Key -> shape of a weights file (tests/data/keys/<name>.json)."""
-    return json.loads((TESTS / "data" / "keys" / f"{name}.json").read_text())
-
-
-def state_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
-    from personalive.io.video import VideoWriter
-
-    with VideoWriter(path, fps) as writer:
-        for frame in frames:
-            writer.write(frame)
-    return path
 
 
 def moving_pattern(n: int, size: int = 64, seed: int = 0) -> np.ndarray:

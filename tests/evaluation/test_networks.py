@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from eval_helpers import key_shapes as official_keys
-from eval_helpers import state_shapes, write_tiny_arcface
+from conftest import official_keys, state_shapes
+from eval_helpers import write_tiny_arcface
 
 from personalive.errors import CheckpointError, WeightsNotFoundError
 from personalive.evaluation import networks as N

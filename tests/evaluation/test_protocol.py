@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import ResizeAligner, moving_pattern, write_tiny_arcface, write_video
+from conftest import write_video
+from eval_helpers import ResizeAligner, moving_pattern, write_tiny_arcface
 from PIL import Image
 
 from personalive.errors import ConfigError, VideoReadError

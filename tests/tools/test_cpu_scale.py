@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_tool, run_tool
+from conftest import ROOT, load_tool, run_tool, write_video
 from PIL import Image
 
 from personalive.config import TrainConfig, load_config
 from personalive.evaluation.protocol import animate
-from personalive.io.video import VideoWriter
 from personalive.pipelines.build import build_engine
 from personalive.weights import load_network
 
@@ -24,10 +23,7 @@ def sliding_frames(n: int, height: int = 64, width: int = 80) -> np.ndarray:
 
 
 def test_chain_runs_end_to_end(tmp_path):
-    clip = tmp_path / "clip.mp4"
-    with VideoWriter(clip, 25) as writer:
-        for frame in sliding_frames(40):
-            writer.write(frame)
+    clip = write_video(tmp_path / "clip.mp4", sliding_frames(40))
     out = tmp_path / "out"
     argv = ["--out", str(out), "--video", str(clip), "--train-frames", "32", "--test-frames", "8",
             "--steps", "1", "1", "1", "--vae-steps", "2", "--vae-channels", "8", "8", "16", "16",
@@ -90,19 +86,13 @@ def test_chain_runs_end_to_end(tmp_path):
 
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
-    clip = tmp_path / "short.mp4"
-    with VideoWriter(clip, 25) as writer:
-        for _ in range(5):
-            writer.write(np.zeros((64, 64, 3), np.uint8))
+    clip = write_video(tmp_path / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8))
     assert run_tool("cpu_scale", ["--out", str(tmp_path / "o"), "--video", str(clip)]) == 2
     assert "has 5 frames" in caplog.text
 
 
 def test_rescore_or_weights_from_without_a_run_is_one_line(tmp_path, caplog):
-    clip = tmp_path / "clip.mp4"
-    with VideoWriter(clip, 25) as writer:
-        for frame in sliding_frames(12):
-            writer.write(frame)
+    clip = write_video(tmp_path / "clip.mp4", sliding_frames(12))
     argv = ["--out", str(tmp_path / "o"), "--video", str(clip), "--train-frames", "8", "--test-frames", "4"]
     assert run_tool("cpu_scale", [*argv, "--rescore"]) == 2
     assert "no finished run in" in caplog.text
@@ -142,7 +132,6 @@ def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
     assert config["block_out_channels"] == [8, 8, 16, 16] and config["scaling_factor"] == info["scaling_factor"] > 0
 
 
-
 def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_path):
     """--vae-channels with 3 widths: a 16x16 latent for a 64x64 frame. The pose guider loses a stride-2 stage to
     match it, in the random weights, in training and in the engine that scores."""
@@ -154,9 +143,7 @@ def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_pat
     cpu_scale.pretrain_vae(frames, weights, steps=2, channels=[8, 8, 16])
     assert cpu_scale.width_overrides(weights) == ["model.pose_guider.out_channels=32", *pose]
     data.mkdir()
-    with VideoWriter(data / "clip.mp4", 25) as writer:
-        for frame in frames:
-            writer.write(frame)
+    write_video(data / "clip.mp4", frames)
     trained, _ = cpu_scale.train_stages(data, weights, tmp_path / "train", [1, 1, 1], [])
     cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={trained}", *pose])
     assert load_network(cfg, "vae").encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 16, 16)

@@ -4,9 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_tool
-
-from personalive.io.video import VideoWriter
+from conftest import ROOT, run_tool, write_video
 
 TINY = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), "--log-level", "WARNING"]
 
@@ -19,13 +17,6 @@ def moving_pattern(n: int, seed: int = 0) -> np.ndarray:
     """uint8 (n, 64, 64, 3): a smooth pattern sliding one pixel per frame."""
     base = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
     return np.stack([np.roll(base, t, axis=1) for t in range(n)])
-
-
-def write_video(path, frames):
-    with VideoWriter(path, 25) as writer:
-        for frame in frames:
-            writer.write(frame)
-    return path
 
 
 def test_help(capsys):

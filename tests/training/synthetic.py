@@ -10,9 +10,9 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import write_video
 
 from personalive.config import TrainConfig, load_config
-from personalive.io.video import VideoWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +36,6 @@ def face_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
         img[mouth] = (150, 40, 50)
         frames[i] = img.astype(np.uint8)
     return frames
-
-
-def write_video(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
-    with VideoWriter(path, fps) as writer:
-        for frame in frames:
-            writer.write(frame)
-    return path
 
 
 def write_empty_video(path: Path) -> Path:

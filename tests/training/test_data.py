@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_video
 from synthetic import (  # noqa: F401 (fixtures)
     ROOT,
     face_frames,
@@ -14,7 +15,6 @@ from synthetic import (  # noqa: F401 (fixtures)
     train_cfg,
     video_dir,
     write_empty_video,
-    write_video,
 )
 
 from personalive.errors import ConfigError, VideoReadError
