@@ -249,6 +249,12 @@ class DataConfig:
     # the chance that a sample is mirrored left-right (reference, targets and so the driver): twice the poses and
     # views from the same videos (0: off)
     hflip: float = 0.0
+    # the chance that the reference is the first target itself (stage 3: the clip's first frame), so that the
+    # model learns to return its reference unchanged where the driver does not move (0: only as `reference_gap` draws)
+    self_reference: float = 0.0
+    # the reference gets a random similarity warp of strength x (rotation up to 100x degrees, scale in [1 - x, 1 + x],
+    # shift up to x of the size): its pose then never quite matches the target's, and copying it stops paying (0: off)
+    reference_warp: float = 0.0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -355,7 +361,10 @@ class TrainConfig(PersonaLiveConfig):
         for key in ("color_jitter", "driver_jitter"):
             if not 0 <= getattr(self.data, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be in [0, 1)")
-        if not 0 <= self.data.hflip <= 1:
-            raise ConfigError(f"data.hflip={self.data.hflip} must be a probability, in [0, 1]")
+        for key in ("hflip", "self_reference"):
+            if not 0 <= getattr(self.data, key) <= 1:
+                raise ConfigError(f"data.{key}={getattr(self.data, key)} must be a probability, in [0, 1]")
+        if not 0 <= self.data.reference_warp < 0.5:
+            raise ConfigError(f"data.reference_warp={self.data.reference_warp} must be in [0, 0.5)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")

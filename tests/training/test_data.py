@@ -27,6 +27,7 @@ from personalive.training.data import (
     motion_input,
     pack_motion,
     scan_videos,
+    warp_reference,
 )
 from personalive.weights import load_network
 
@@ -110,6 +111,40 @@ def test_hflip_mirrors_whole_samples(tiny_weights, video_dir, tmp_path):
     assert 0 < sum(torch.equal(h["frames"], a["frames"]) for h, a in zip(half, always, strict=True)) < 12
     with pytest.raises(ConfigError, match="hflip=1.5"):
         items("data.hflip=1.5")
+
+
+def test_self_reference_makes_the_first_target_the_reference():
+    def samples(p):
+        ds = TalkingHeadDataset([], 2, False, (64, 64), (64, 64), 64, 32, 265, reference_gap=4, self_reference=p)
+        return [ds.frame_indices(VideoEntry(Path("clip.mp4"), 100), key) for key in range(200)]
+
+    plain, always, half = samples(0), samples(1), samples(0.5)
+    assert all(ref == targets[0] for ref, targets in always)
+    assert [t for _, t in always] == [t for _, t in half] == [t for _, t in plain]  # the targets stay as drawn
+    assert all(h in (p, a) for h, p, a in zip(half, plain, always, strict=True))
+    assert 60 < sum(ref == targets[0] for ref, targets in half) < 140
+
+
+def test_reference_warp_moves_the_reference_alone(tiny_weights, video_dir, tmp_path):
+    def item(*overrides):
+        return build_dataset(train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides), 2, False, 32)[5]
+
+    plain, warped = item(), item("data.reference_warp=0.2")
+    assert torch.equal(warped["frames"], plain["frames"]) and not warped["cached"]
+    assert not torch.equal(warped["ref_image"], plain["ref_image"])
+    assert torch.equal(warped["ref_image"], item("data.reference_warp=0.2")["ref_image"])  # a key is a sample
+    with pytest.raises(ConfigError, match="reference_warp=0.7"):
+        item("data.reference_warp=0.7")
+
+
+def test_warp_reference_is_a_bounded_similarity():
+    frame = np.zeros((60, 80, 3), np.uint8)
+    frame[28:32, 38:42] = 255  # a dot at the centre (39.5, 29.5): only the shift moves it
+    rng = np.random.default_rng(0)
+    assert np.array_equal(warp_reference(frame, rng, 0.0), frame)
+    for _ in range(20):
+        ys, xs = np.nonzero(warp_reference(frame, rng, 0.1)[..., 0] > 127)
+        assert abs(xs.mean() - 39.5) <= 0.1 * 80 + 0.5 and abs(ys.mean() - 29.5) <= 0.1 * 60 + 0.5
 
 
 def test_data_order_is_a_function_of_seed_and_epoch():

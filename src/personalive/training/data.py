@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from skimage.transform import AffineTransform, warp
 from torch.utils.data import Dataset, Sampler
 from transformers import CLIPImageProcessorPil
 
@@ -214,16 +215,19 @@ class TalkingHeadDataset(Dataset):
         reference and targets get one random gain per colour channel in [1 - x, 1 + x] (0: none). driver_jitter: x,
         the same for the driver's face crops alone, as `driver_gain` (the training step applies it). hflip: the chance
         that a sample (reference and targets) is mirrored; a mirrored sample ignores the keypoint cache (`cached`
-        false), whose keypoints are those of the unmirrored frames.
+        false), whose keypoints are those of the unmirrored frames. self_reference: the chance that the reference is
+        the first target itself. reference_warp: x, the reference alone gets a random similarity warp
+        (`warp_reference`); such a sample ignores the keypoint cache too.
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
                  stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0,
-                 driver_jitter: float = 0.0, hflip: float = 0.0):
+                 driver_jitter: float = 0.0, hflip: float = 0.0, self_reference: float = 0.0,
+                 reference_warp: float = 0.0):
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
         self.reference_gap, self.color_jitter, self.driver_jitter = reference_gap, color_jitter, driver_jitter
-        self.hflip = hflip
+        self.hflip, self.self_reference, self.reference_warp = hflip, self_reference, reference_warp
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -245,7 +249,8 @@ class TalkingHeadDataset(Dataset):
         else:
             targets = sorted(int(i) for i in rng.choice(limit, self.num_frames, replace=limit < self.num_frames))
         gap = self.reference_gap or limit
-        return int(rng.integers(max(0, targets[0] - gap), min(limit, targets[0] + gap + 1))), targets
+        ref = int(rng.integers(max(0, targets[0] - gap), min(limit, targets[0] + gap + 1)))
+        return (targets[0] if self.rng(key, 4).random() < self.self_reference else ref), targets
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         n = len(self.videos)
@@ -278,7 +283,10 @@ class TalkingHeadDataset(Dataset):
         mirrored = self.rng(key, 3).random() < self.hflip
         if mirrored:
             frames = {i: np.ascontiguousarray(f[:, ::-1]) for i, f in frames.items()}
-        ref = Image.fromarray(fit_frame(frames[ref_index], *self.ref_size))
+        ref = frames[ref_index]
+        if self.reference_warp:
+            ref = warp_reference(ref, self.rng(key, 5), self.reference_warp)
+        ref = Image.fromarray(fit_frame(ref, *self.ref_size))
         s = self.pose_size
         item = {
             "key": torch.tensor(key, dtype=torch.int64),
@@ -286,7 +294,7 @@ class TalkingHeadDataset(Dataset):
             "ref_image": self.vae_processor.preprocess(ref, *self.ref_size)[0],
             "ref_pose": self.vae_processor.preprocess(ref, s, s)[0] / 2 + 0.5,
             "frames": frames_to_tensor(np.stack([fit_frame(frames[i], *self.size) for i in targets])),
-            "cached": torch.tensor(video.cache is not None and not mirrored),
+            "cached": torch.tensor(video.cache is not None and not mirrored and not self.reference_warp),
             "ref_motion": torch.zeros(self.motion_width),
             "motion": torch.zeros(len(targets), self.motion_width),
             "face_boxes": torch.full((len(targets), 4), -1.0),
@@ -310,7 +318,22 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
         max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter,
-        driver_jitter=cfg.data.driver_jitter, hflip=cfg.data.hflip)
+        driver_jitter=cfg.data.driver_jitter, hflip=cfg.data.hflip, self_reference=cfg.data.self_reference,
+        reference_warp=cfg.data.reference_warp)
+
+
+def warp_reference(frame: np.ndarray, rng: np.random.Generator, x: float) -> np.ndarray:
+    """(H, W, 3) uint8 `frame` rotated by up to 100x degrees, scaled by [1 - x, 1 + x] and shifted by up to x of its
+    size, about its centre; the border repeats the edge pixels."""
+    h, w = frame.shape[:2]
+    angle, scale = np.deg2rad(rng.uniform(-100 * x, 100 * x)), rng.uniform(1 - x, 1 + x)
+    centre, shift = np.array([w - 1, h - 1]) / 2, rng.uniform(-x, x, 2) * (w, h)
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    inverse = np.array([[cos, sin], [-sin, cos]])  # output (x, y) -> input, i.e. the warp's inverse
+    matrix = np.eye(3)
+    matrix[:2, :2], matrix[:2, 2] = inverse, centre - inverse @ (centre + shift)
+    warped = warp(frame, AffineTransform(matrix=matrix), mode="edge", preserve_range=True)
+    return warped.round().clip(0, 255).astype(np.uint8)
 
 
 class EpochSampler(Sampler[int]):
