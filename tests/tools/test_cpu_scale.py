@@ -11,7 +11,7 @@ from conftest import ROOT, load_tool, run_tool, write_video
 from PIL import Image
 
 from personalive.config import TrainConfig, load_config
-from personalive.evaluation.protocol import animate
+from personalive.evaluation.protocol import animate, read_clip
 from personalive.pipelines.build import build_engine
 from personalive.weights import load_network
 
@@ -57,11 +57,13 @@ def test_chain_runs_end_to_end(tmp_path):
     assert again == result and (out / "strip.png").is_file()
 
     # the same VAE, other training settings (the first target near its reference in all three stages, loss
-    # weighting in stage 2 only)
+    # weighting in stage 2 only), and the held-out frames trained on too (--oracle)
     out2 = tmp_path / "out2"
-    assert run_tool("cpu_scale", [*argv[2:], "--out", str(out2), "--weights-from", str(out),
+    assert run_tool("cpu_scale", [*argv[2:], "--out", str(out2), "--weights-from", str(out), "--oracle",
                                   "data.reference_gap=27", "stage2:snr_gamma=5"]) == 0
     second = json.loads((out2 / "results.json").read_text())
+    assert not result["oracle"] and second["oracle"]
+    assert len(read_clip(out / "data/clip_train.mp4")[0]) == 32 and len(read_clip(out2 / "data/clip_train.mp4")[0]) == 40
     assert second["vae_pretraining"] == result["vae_pretraining"] and second["weights_from"] == str(out)
     assert {"data.reference_gap=27", "stage2:snr_gamma=5"} <= set(second["overrides"])
     for stage in (1, 2, 3):
