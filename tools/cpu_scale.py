@@ -272,8 +272,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "oracle": oracle,
-                  "steps": steps,
-                  "overrides": overrides, "train_seconds": seconds,
+                  "steps": steps, "overrides": overrides, "train_seconds": seconds,
                   "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
                   "unet_channels": read_config(weights, "unet")["block_out_channels"],
                   "latent_channels": read_config(weights, "vae")["latent_channels"]}
