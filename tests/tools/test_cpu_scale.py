@@ -11,7 +11,9 @@ from conftest import ROOT, load_tool, run_tool, write_video
 from PIL import Image
 
 from personalive.config import TrainConfig, load_config
+from personalive.errors import ConfigError
 from personalive.evaluation.protocol import animate, read_clip
+from personalive.io.samples import sample_reference
 from personalive.pipelines.build import build_engine
 from personalive.weights import load_network
 
@@ -30,6 +32,7 @@ def test_chain_runs_end_to_end(tmp_path):
             "--log-level", "WARNING"]
     assert run_tool("cpu_scale", [*argv, "--latent-channels", "8"]) == 0  # 4, SD's, everywhere else in the suite
     result = json.loads((out / "results.json").read_text())
+    assert result["face_crops"] == "keypoints"
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
         "stage1", "stage2", "stage3"}
     for name in ("reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling", "reference_latent"):
@@ -151,3 +154,21 @@ def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_pat
     assert load_network(cfg, "vae").encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 16, 16)
     engine = build_engine(cfg, device="cpu")
     assert animate(engine, frames[0], frames[:4]).shape == (4, 64, 64, 3)
+
+
+def test_mediapipe_face_crops_are_cached_for_training(tiny_weights, tmp_path):
+    """--face-crops mediapipe caches every training frame's MediaPipe box, so training crops the motion encoder's
+    input around the face (the tiny random motion extractor's keypoint boxes may miss it); a clip without a face
+    is one line."""
+    cpu_scale, data, faceless = load_tool("cpu_scale"), tmp_path / "data", tmp_path / "faceless"
+    face = np.asarray(Image.open(sample_reference()).convert("RGB").crop((100, 0, 400, 300)).resize((64, 64)))
+    data.mkdir(), faceless.mkdir()
+    write_video(data / "clip.mp4", np.stack([np.roll(face, t, axis=1) for t in range(6)]))
+    cpu_scale.cache_face_boxes(data, tiny_weights)
+    with np.load(data / ".personalive_cache/clip.mp4.npz") as z:
+        boxes = z["boxes"] * 64  # (6, 4) x1, y1, x2, y2 in pixels; -1 where no face was found
+    centres = (boxes[:, 0] + boxes[:, 2]) / 2
+    assert (boxes >= 0).all() and (centres > 20).all() and (centres < 36).all()  # the face, moving right
+    write_video(faceless / "clip.mp4", sliding_frames(6, width=64))
+    with pytest.raises(ConfigError, match="use --face-crops keypoints"):
+        cpu_scale.cache_face_boxes(faceless, tiny_weights)
