@@ -64,7 +64,7 @@ from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
 from personalive.pipelines.build import build_engine
-from personalive.pipelines.offline import open_face_cropper
+from personalive.pipelines.offline import face_cropper
 
 logger = logging.getLogger("cpu_scale")
 
@@ -222,28 +222,26 @@ def evaluate(out: Path, fit: np.ndarray, train_frames: int, weights: Path, train
                for name, folder in folders.items()}
     vae = engines["untrained"].models.vae  # frozen in every stage: one for all
     ceiling = vae_round_trip(vae, held_out)
-    cropper = open_face_cropper(face_crops)
-    anim = partial(animate, cropper=cropper)
-    result = {}
-    for key, picture, reference in (("scores", "strip.png", held_out[0]),
-                                    ("scores_frame0", "strip_frame0.png", fit[0]),
-                                    ("scores_grey", None, np.full_like(fit[0], 128))):
-        videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
-                  **{name: anim(engine, reference, held_out) for name, engine in engines.items()},
-                  "vae_ceiling": ceiling, "reference_latent": latent_copy(vae, reference, len(held_out))}
-        result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
-        if picture:
-            drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2", "reference_latent")}
-            strip(drawn, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
-    n, result["scores_train"] = len(held_out), []
-    for start in range(0, train_frames - n + 1, n):
-        segment = fit[start:start + n]
-        result["scores_train"].append({
-            "first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
-            "trained": scores(anim(engines["trained"], segment[0], segment), segment),
-            "vae_ceiling": scores(vae_round_trip(vae, segment), segment)})
-    if cropper is not None:
-        cropper.close()
+    with face_cropper(face_crops) as cropper:
+        anim = partial(animate, cropper=cropper)
+        result = {}
+        for key, picture, reference in (("scores", "strip.png", held_out[0]),
+                                        ("scores_frame0", "strip_frame0.png", fit[0]),
+                                        ("scores_grey", None, np.full_like(fit[0], 128))):
+            videos = {"driver": held_out, "reference": np.repeat(reference[None], len(held_out), axis=0),
+                      **{name: anim(engine, reference, held_out) for name, engine in engines.items()},
+                      "vae_ceiling": ceiling, "reference_latent": latent_copy(vae, reference, len(held_out))}
+            result[key] = {name: scores(video, held_out) for name, video in videos.items() if name != "driver"}
+            if picture:
+                drawn = {k: v for k, v in videos.items() if k not in ("stage1", "stage2", "reference_latent")}
+                strip(drawn, min(STRIP_COLUMNS, len(held_out))).save(out / picture)
+        n, result["scores_train"] = len(held_out), []
+        for start in range(0, train_frames - n + 1, n):
+            segment = fit[start:start + n]
+            result["scores_train"].append({
+                "first_frame": start, "reference": scores(np.repeat(segment[:1], n, axis=0), segment),
+                "trained": scores(anim(engines["trained"], segment[0], segment), segment),
+                "vae_ceiling": scores(vae_round_trip(vae, segment), segment)})
     return result
 
 

@@ -15,7 +15,6 @@ Metrics are averaged over all frames (all transitions for tLP) of all videos; FV
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from personalive.evaluation.networks import METRIC_TITLES, EvalNetworks, motion_
 from personalive.io.faces import FaceCropper, crop_face
 from personalive.io.images import fit_frame, load_image
 from personalive.io.video import DEFAULT_FPS, VideoReader, VideoWriter
-from personalive.pipelines.offline import DrivingFaces, open_face_cropper, stream_video
+from personalive.pipelines.offline import DrivingFaces, face_cropper, stream_video
 from personalive.pipelines.stream import StreamEngine
 
 logger = logging.getLogger(__name__)
@@ -297,10 +296,7 @@ def run_protocols(engine: StreamEngine, videos: str | os.PathLike, nets: EvalNet
     plans = plan(videos, options)
     height, width = engine.cfg.height, engine.cfg.width
     results = {}
-    with contextlib.ExitStack() as stack:
-        cropper = open_face_cropper(options.face_crops)
-        if cropper is not None:
-            stack.callback(cropper.close)
+    with face_cropper(options.face_crops) as cropper:
         for protocol, pairs in plans.items():
             scores = []
             for clip, ref_source in tqdm(pairs, unit="video", desc=f"{protocol}-reenactment",

@@ -108,6 +108,17 @@ def open_face_cropper(face_crops: str) -> FaceCropper | None:
     return FaceCropper()  # BackendUnavailableError when mediapipe is missing or too new
 
 
+@contextlib.contextmanager
+def face_cropper(face_crops: str) -> Iterator[FaceCropper | None]:
+    """`open_face_cropper` for a `with` block, which closes it."""
+    cropper = open_face_cropper(face_crops)
+    try:
+        yield cropper
+    finally:
+        if cropper is not None:
+            cropper.close()
+
+
 def prepare_reference(path: Path, cropper: FaceCropper | None, crop_size: int) -> tuple[Image.Image, Face]:
     """Read the reference portrait (any mode and size: converted to 8-bit RGB, huge images downscaled) and cut its
     face crop (3, crop_size, crop_size) in [-1, 1] with `cropper`; None without a cropper (keypoint box).
@@ -282,9 +293,7 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
     crop_size = cfg.model.motion_encoder.image_size
 
     with contextlib.ExitStack() as stack:
-        cropper = open_face_cropper(options.face_crops)
-        if cropper is not None:
-            stack.callback(cropper.close)
+        cropper = stack.enter_context(face_cropper(options.face_crops))
         image, ref_face = prepare_reference(reference, cropper, crop_size)
         reader = stack.enter_context(VideoReader(driving))
         decoded = iter(reader)
