@@ -203,3 +203,21 @@ def test_crop_faces_degenerate_box_is_grown(box, grown):
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
     assert torch.equal(out, expected)
     assert kp.crop_faces(frames, torch.tensor([box]), size=16).shape == (1, 3, 16, 16)  # default minimum
+
+
+def test_rotation_angles_invert_rotation_matrix():
+    angles = torch.tensor([[10.0, -35.0, 80.0], [-120.0, 60.0, -5.0], [0.0, 0.0, 0.0]])
+    rot = kp.rotation_matrix(*angles.T)
+    back = torch.stack(kp.rotation_angles(rot), dim=1)
+    assert torch.allclose(back, angles, atol=1e-4)
+
+
+def test_fit_similarity_recovers_scale_rotation_translation():
+    canonical = torch.randn(21, 3, generator=torch.Generator().manual_seed(0))
+    scale, angles, t = torch.tensor([[0.5], [2.0]]), torch.tensor([[20.0, -10.0, 5.0], [-30.0, 40.0, 170.0]]), torch.randn(2, 3)
+    points = scale[:, :, None] * canonical @ kp.rotation_matrix(*angles.T) + t[:, None]
+    s, rot, shift = kp.fit_similarity(canonical, points)
+    assert torch.allclose(s, scale, atol=1e-5) and torch.allclose(shift, t, atol=1e-5)
+    assert torch.allclose(torch.stack(kp.rotation_angles(rot), dim=1), angles, atol=1e-3)
+    mirrored = points * torch.tensor([-1.0, 1.0, 1.0])  # no rotation fits a reflection: still a proper one
+    assert torch.allclose(torch.linalg.det(kp.fit_similarity(canonical, mirrored)[1]), torch.ones(2), atol=1e-5)

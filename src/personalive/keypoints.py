@@ -63,6 +63,33 @@ def rotation_matrix(pitch: torch.Tensor, yaw: torch.Tensor, roll: torch.Tensor) 
     return (rot_z @ rot_y @ rot_x).transpose(1, 2)
 
 
+def rotation_angles(rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `rotation_matrix`: (n, 3, 3) row-vector rotations -> (pitch, yaw, roll), each (n,) degrees, with
+    yaw in [-90, 90]."""
+    a = rot.transpose(1, 2)  # Rz @ Ry @ Rx
+    pitch = torch.atan2(a[:, 2, 1], a[:, 2, 2])
+    yaw = torch.asin((-a[:, 2, 0]).clamp(-1, 1))
+    roll = torch.atan2(a[:, 1, 0], a[:, 0, 0])
+    return tuple(x * (180 / math.pi) for x in (pitch, yaw, roll))
+
+
+def fit_similarity(canonical: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares s, R, t with points ~ s * canonical @ R + t (Umeyama; R a proper rotation, for row vectors).
+
+    canonical: (k, 3); points: (n, k, 3) -> scale (n, 1), rot (n, 3, 3), t (n, 3).
+    """
+    c0, p0 = canonical.mean(0), points.mean(1, keepdim=True)
+    c, p = canonical - c0, points - p0
+    u, sv, vh = torch.linalg.svd(c.T @ p)  # (n, 3, 3): c^T p = U S V^T
+    sign = torch.sign(torch.linalg.det(u @ vh))
+    d = torch.ones_like(sv)
+    d[:, 2] = sign
+    rot = u @ torch.diag_embed(d) @ vh
+    scale = (sv * d).sum(1, keepdim=True) / c.square().sum()
+    t = p0[:, 0] - scale * (c0 @ rot)
+    return scale, rot, t
+
+
 def decode_pose(info: Info) -> Info:
     """Copy of `info` with pitch/yaw/roll as (n,) degrees (decoded together, as the official code does)."""
     n = info["kp"].shape[0]

@@ -36,6 +36,15 @@ def test_astronaut_face_box_is_plausible(cropper, astronaut):
 
 
 @needs_mediapipe
+def test_astronaut_landmarks_are_in_face_order(cropper, astronaut):
+    points = cropper.landmarks(astronaut)
+    assert points.shape == (468, 3) and (0 < points[:, :2]).all() and (points[:, :2] < 1).all()
+    (ex1, ey1), (ex2, ey2), (nx, ny), (mx, my), (cx, cy) = points[[33, 263, 1, 13, 152], :2]  # eyes, nose, mouth, chin
+    assert ex1 < nx < ex2 and max(ey1, ey2) < ny < my < cy
+    assert cropper.landmarks(np.zeros((64, 64, 3), np.uint8)) is None
+
+
+@needs_mediapipe
 def test_blank_image_has_no_face(cropper):
     assert cropper.box(np.zeros((256, 256, 3), np.uint8)) is None
     with pytest.raises(NoFaceError, match="no face found in blank.png"):

@@ -16,7 +16,7 @@ import numpy as np
 from skimage.transform import SimilarityTransform, resize, warp
 
 from personalive.errors import BackendUnavailableError
-from personalive.io.faces import MEDIAPIPE_PIN, mediapipe_available
+from personalive.io.faces import MEDIAPIPE_PIN, FaceCropper, mediapipe_available
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,8 @@ class FaceAligner:
     def __init__(self, size: int = ARCFACE_SIZE, min_detection_confidence: float = 0.5):
         if not mediapipe_available():
             raise BackendUnavailableError(f"face alignment for ID-SIM needs mediapipe; run `pip install {MEDIAPIPE_PIN}`")
-        import mediapipe
-
-        face_mesh = getattr(getattr(mediapipe, "solutions", None), "face_mesh", None)
-        if face_mesh is None:
-            raise BackendUnavailableError(f"mediapipe {getattr(mediapipe, '__version__', '?')} has no "
-                                          f"solutions.face_mesh; run `pip install {MEDIAPIPE_PIN}`")
         self.size = size
-        self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                        min_detection_confidence=min_detection_confidence)
+        self._cropper = FaceCropper(min_detection_confidence=min_detection_confidence)
         self.reset()
 
     def reset(self) -> None:
@@ -81,13 +74,11 @@ class FaceAligner:
 
     def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
         """The 5 points (5, 2) of a uint8 RGB frame (H, W, 3), or None without a face."""
-        result = self._mesh.process(np.ascontiguousarray(frame))
-        if not result.multi_face_landmarks:
+        mesh = self._cropper.landmarks(frame)
+        if mesh is None:
             return None
-        mesh = result.multi_face_landmarks[0].landmark
         h, w = frame.shape[:2]
-        return np.array([[np.mean([mesh[i].x for i in ids]) * w, np.mean([mesh[i].y for i in ids]) * h]
-                         for ids in MESH_POINTS])
+        return np.array([mesh[list(ids), :2].mean(0) * (w, h) for ids in MESH_POINTS])
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         out = []
@@ -107,4 +98,4 @@ class FaceAligner:
         return np.stack(out)
 
     def close(self) -> None:
-        self._mesh.close()
+        self._cropper.close()

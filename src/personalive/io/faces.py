@@ -68,17 +68,23 @@ class FaceCropper:
             static_image_mode=True, max_num_faces=1, min_detection_confidence=min_detection_confidence
         )
 
-    def box(self, frame: np.ndarray) -> Box | None:
-        """Square face box of a uint8 RGB frame (H, W, 3), or None if no face is found."""
+    def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
+        """FaceMesh's 468 landmarks of a uint8 RGB frame (H, W, 3) as float64 (468, 3): x / W, y / H and MediaPipe's
+        relative depth z (about x's scale, smaller is nearer); None if no face is found."""
         _check_frame(frame)
-        h, w = frame.shape[:2]
         result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
             return None
-        landmarks = result.multi_face_landmarks[0].landmark
-        xs = [int(p.x * w) for p in landmarks]  # official: int(l.x * w), int(l.y * h)
-        ys = [int(p.y * h) for p in landmarks]
-        return scale_box((min(xs), min(ys), max(xs), max(ys)), self.scale, h, w)
+        return np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark])
+
+    def box(self, frame: np.ndarray) -> Box | None:
+        """Square face box of a uint8 RGB frame (H, W, 3), or None if no face is found."""
+        landmarks = self.landmarks(frame)
+        if landmarks is None:
+            return None
+        h, w = frame.shape[:2]
+        xs, ys = (landmarks[:, 0] * w).astype(int), (landmarks[:, 1] * h).astype(int)  # official: int(l.x * w)
+        return scale_box((xs.min(), ys.min(), xs.max(), ys.max()), self.scale, h, w)
 
     def box_or_raise(self, frame: np.ndarray, where: str) -> Box:
         """`box`, but a frame without a face raises NoFaceError naming `where` (e.g. "frame 12 of drive.mp4")."""
