@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, load_tool, run_tool, write_video
 from PIL import Image
 
+from personalive import keypoints as kp
 from personalive.config import TrainConfig, load_config
 from personalive.errors import ConfigError
 from personalive.evaluation.protocol import animate, read_clip
@@ -172,3 +173,31 @@ def test_mediapipe_face_crops_are_cached_for_training(tiny_weights, tmp_path):
     write_video(faceless / "clip.mp4", sliding_frames(6, width=64))
     with pytest.raises(ConfigError, match="use --face-crops keypoints"):
         cpu_scale.cache_face_boxes(faceless, tiny_weights)
+
+
+def test_motion_extractor_prestage_follows_the_head(tiny_weights, tmp_path):
+    """--motion-extractor-steps: the random tiny extractor learns the MediaPipe head pose of each frame, so its roll
+    follows a tilted face and its keypoints land on the face; the file still loads; a faceless clip is one line."""
+    cpu_scale, weights = load_tool("cpu_scale"), tmp_path / "weights"
+    shutil.copytree(tiny_weights, weights)
+    face = Image.open(sample_reference()).convert("RGB").crop((100, 0, 400, 300))
+    tilts = np.tile([-20, -10, 0, 10, 20], 2)
+    frames = np.stack([np.asarray(face.rotate(a, resample=Image.Resampling.BILINEAR).resize((64, 64))) for a in tilts])
+    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={weights}"])
+    points, found = cpu_scale.face_keypoints(frames)
+    assert points.shape == (10, 21, 3) and (found == np.arange(10)).all()
+    targets = cpu_scale.pose_targets(cpu_scale.canonical_keypoints(torch.from_numpy(points)), torch.from_numpy(points))
+    assert np.corrcoef(targets["roll"], tilts)[0, 1] < -0.99  # PIL turns counter-clockwise; roll turns the other way
+
+    info = cpu_scale.pretrain_motion_extractor(frames, weights, steps=1200, held_out=frames[:3])
+    extractor = load_network(cfg, "motion_extractor")
+    with torch.no_grad():
+        out = extractor(torch.from_numpy(frames).permute(0, 3, 1, 2) / 255)
+    roll = kp.decode_pose(out)["roll"]
+    assert (roll - targets["roll"]).abs().max() < 4, (roll, targets["roll"])  # 0 to -38 degrees
+    assert info["frames"] == 10 and info["pixel_error"] < 1.0 and info["pixel_error_held_out"] < 1.0, info
+    x1, y1, x2, y2 = kp.face_boxes(kp.transform_keypoints(out), 64, 64).float().mean(0).tolist()
+    assert 20 < (x1 + x2) / 2 < 44 and 15 < (y1 + y2) / 2 < 45  # the face of the 64x64 crop
+
+    with pytest.raises(ConfigError, match="MediaPipe finds none"):
+        cpu_scale.pretrain_motion_extractor(sliding_frames(4, width=64), weights, steps=1)
