@@ -64,6 +64,7 @@ from personalive.errors import ConfigError
 from personalive.evaluation import metrics as M
 from personalive.evaluation.protocol import animate, read_clip
 from personalive.io.checkpoints import CONFIG_FILES, WEIGHT_FILES, read_config, save_state_dict, write_json
+from personalive.io.faces import FaceCropper
 from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
@@ -132,8 +133,6 @@ MESH_KEYPOINTS = (168, 10, 33, 263, 1, 133, 362, 70, 300, 4, 234, 454, 61, 13, 1
 def face_keypoints(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MediaPipe landmarks of uint8 (n, H, W, 3) frames as keypoints: (m, 21, 3) float32 in the keypoint maths'
     coordinates (x, y in [-1, 1], z on x's scale) and the indices (m,) of the frames with a face."""
-    from personalive.io.faces import FaceCropper
-
     with FaceCropper() as cropper:
         found = [(i, mesh) for i, frame in enumerate(frames) if (mesh := cropper.landmarks(frame)) is not None]
     if not found:
@@ -144,14 +143,16 @@ def face_keypoints(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def canonical_keypoints(points: torch.Tensor, iterations: int = 5) -> torch.Tensor:
     """Generalised Procrustes mean of (n, k, 3) keypoint sets: (k, 3), centred, RMS radius 0.5."""
-    shape = points[0]
-    for _ in range(iterations):
+
+    def normalised(shape: torch.Tensor) -> torch.Tensor:
         shape = shape - shape.mean(0)
-        shape = shape * 0.5 / shape.square().sum(1).mean().sqrt()
+        return shape * 0.5 / shape.square().sum(1).mean().sqrt()
+
+    shape = normalised(points[0])
+    for _ in range(iterations):
         scale, rot, t = kp.fit_similarity(shape, points)
-        shape = ((points - t[:, None]) @ rot.transpose(1, 2) / scale[:, :, None]).mean(0)
-    shape = shape - shape.mean(0)
-    return shape * 0.5 / shape.square().sum(1).mean().sqrt()
+        shape = normalised(((points - t[:, None]) @ rot.transpose(1, 2) / scale[:, :, None]).mean(0))
+    return shape
 
 
 def pose_targets(canonical: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -203,10 +204,9 @@ def pretrain_motion_extractor(frames: np.ndarray, weights: Path, steps: int, hel
         x = pad[i, :, 4 + dy:4 + dy + size, 4 + dx:4 + dx + size] * (0.7 + 0.6 * torch.rand(batch, 3, 1, 1))
         target = {k: v[i] for k, v in targets.items()}
         target["t"] = target["t"] - torch.tensor([dx, dy, 0.0]) * 2 / size  # the content moved by -(dx, dy) px
-        out = extractor(x.clamp(0, 1))
-        pose = kp.decode_pose(out)
+        out = kp.decode_pose(extractor(x.clamp(0, 1)))  # angles decoded once, for both loss terms
         loss = (10 * (kp.transform_keypoints(out) - kp.transform_keypoints(target)).abs().mean()
-                + sum((pose[a] - target[a]).abs().mean() for a in ("pitch", "yaw", "roll")) / 10
+                + sum((out[a] - target[a]).abs().mean() for a in ("pitch", "yaw", "roll")) / 10
                 + 10 * (out["t"] - target["t"])[:, :2].abs().mean() + (out["scale"] - target["scale"]).abs().mean()
                 + 10 * (out["kp"] - target["kp"]).abs().mean())
         opt.zero_grad(set_to_none=True)
