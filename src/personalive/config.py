@@ -255,6 +255,9 @@ class DataConfig:
     # the reference gets a random similarity warp of strength x (rotation up to 100x degrees, scale in [1 - x, 1 + x],
     # shift up to x of the size): its pose then never quite matches the target's, and copying it stops paying (0: off)
     reference_warp: float = 0.0
+    # the chance that every target is the reference frame itself: a driver that stands still, whose right answer is
+    # the reference unchanged (stage 3: a whole streamed clip of it; 0: off)
+    still_clip: float = 0.0
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -292,6 +295,9 @@ class SlidingConfig:
 
     rollout_steps: int = 3  # gradient-free window steps before the trained one (>= chunks - 1: all model outputs)
     keyframe_prob: float = 0.25  # chance per sample that the frame leaving at the last rollout step becomes a keyframe
+    # how the window's chunks weigh in the clean-latent loss: "uniform", or "propagated", each by the share of its
+    # squared error that reaches its next latent (alpha_bar of the next level; the oldest chunk's is the output)
+    chunk_weighting: str = "uniform"
 
 
 @dataclass
@@ -361,10 +367,12 @@ class TrainConfig(PersonaLiveConfig):
         for key in ("color_jitter", "driver_jitter"):
             if not 0 <= getattr(self.data, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be in [0, 1)")
-        for key in ("hflip", "self_reference"):
+        for key in ("hflip", "self_reference", "still_clip"):
             if not 0 <= getattr(self.data, key) <= 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be a probability, in [0, 1]")
         if not 0 <= self.data.reference_warp < 0.5:
             raise ConfigError(f"data.reference_warp={self.data.reference_warp} must be in [0, 0.5)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")
+        if self.sliding.chunk_weighting not in ("uniform", "propagated"):
+            raise ConfigError(f"sliding.chunk_weighting={self.sliding.chunk_weighting!r} must be uniform or propagated")

@@ -125,6 +125,22 @@ def test_self_reference_makes_the_first_target_the_reference():
     assert 60 < sum(ref == targets[0] for ref, targets in half) < 140
 
 
+def test_still_clip_makes_every_target_the_reference(tiny_weights, video_dir, tmp_path):
+    def samples(p):
+        ds = TalkingHeadDataset([], 4, True, (64, 64), (64, 64), 64, 32, 265, reference_gap=4, still_clip=p)
+        return [ds.frame_indices(VideoEntry(Path("clip.mp4"), 100), key) for key in range(200)]
+
+    plain, always, half = samples(0), samples(1), samples(0.5)
+    assert all(targets == [ref] * 4 for ref, targets in always)
+    assert [r for r, _ in always] == [r for r, _ in half] == [r for r, _ in plain]  # the references stay as drawn
+    assert all(h in (p, a) for h, p, a in zip(half, plain, always, strict=True))
+    assert 60 < sum(h == a for h, a in zip(half, always, strict=True)) < 140
+    item = build_dataset(train_cfg(3, tiny_weights, video_dir, tmp_path, "data.still_clip=1"), 28, True, 32)[0]
+    assert (item["frames"] == item["frames"][:1]).all()  # a streamed clip of one frame
+    with pytest.raises(ConfigError, match="still_clip=2"):
+        train_cfg(3, tiny_weights, video_dir, tmp_path, "data.still_clip=2")
+
+
 def test_reference_warp_moves_the_reference_alone(tiny_weights, video_dir, tmp_path):
     def item(*overrides):
         return build_dataset(train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides), 2, False, 32)[5]

@@ -15,7 +15,7 @@ from personalive.errors import ConfigError, WeightsNotFoundError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import build_dataset
 from personalive.training.loop import step_generator, train
-from personalive.training.losses import LPIPS, snr_weights
+from personalive.training.losses import LPIPS, propagated_weights, snr_weights
 from personalive.training.stages import build_stage, clip_frames, set_trainable, trainable_modules
 from personalive.weights import init_training_models, load_models
 
@@ -133,6 +133,34 @@ def test_min_snr_weights_count_noisy_steps_as_noise_errors():
     assert snr_weights(scheduler, t, None, "sample") is None
     torch.testing.assert_close(snr_weights(scheduler, t, 5.0, "sample"), torch.stack([torch.tensor(5.0), *snr[1:]]))
     torch.testing.assert_close(snr_weights(scheduler, t, 5.0, "noise"), torch.tensor([5 / snr[0], 1.0, 1.0]))
+
+
+def test_propagated_weights_count_what_reaches_the_next_latent():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear")
+    timesteps = torch.tensor([0, 333, 666, 999]).repeat_interleave(2)  # two-frame chunks, oldest first
+    alpha = scheduler.alphas_cumprod
+    expected = torch.stack([alpha[0], alpha[0], alpha[0], alpha[0], alpha[333], alpha[333], alpha[666], alpha[666]])
+    torch.testing.assert_close(propagated_weights(scheduler, timesteps, 2), expected)
+    assert expected[0] > 0.99 and 0.4 < expected[4] < 0.5 and 0.03 < expected[6] < 0.04  # output, t = 333, t = 666
+
+
+def test_chunk_weighting_reweighs_stage_3_alone(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path, "sliding.rollout_steps=1")
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, *clip_frames(cfg), 32)[0]])
+
+    def loss(weighting):
+        net.cfg.sliding.chunk_weighting = weighting
+        with torch.no_grad():
+            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+
+    uniform, propagated = loss("uniform"), loss("propagated")
+    torch.testing.assert_close(propagated["l2"], uniform["loss"])  # same predictions
+    assert propagated["loss"] < uniform["loss"]  # the pure-noise chunk counts 0.038 of its error
+    with pytest.raises(ConfigError, match="chunk_weighting='snr'"):
+        train_cfg(3, tiny_weights, video_dir, tmp_path, "sliding.chunk_weighting=snr")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

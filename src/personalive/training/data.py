@@ -217,17 +217,19 @@ class TalkingHeadDataset(Dataset):
         that a sample (reference and targets) is mirrored; a mirrored sample ignores the keypoint cache (`cached`
         false), whose keypoints are those of the unmirrored frames. self_reference: the chance that the reference is
         the first target itself. reference_warp: x, the reference alone gets a random similarity warp
-        (`warp_reference`); such a sample ignores the keypoint cache too.
+        (`warp_reference`); such a sample ignores the keypoint cache too. still_clip: the chance that every target
+        is the reference frame (a driver that stands still).
     """
 
     def __init__(self, videos: list[VideoEntry], num_frames: int, contiguous: bool, size: tuple[int, int],
                  ref_size: tuple[int, int], pose_size: int, clip_size: int, motion_width: int, seed: int = 0,
                  stride: int = 1, max_frames: int = 0, reference_gap: int = 0, color_jitter: float = 0.0,
                  driver_jitter: float = 0.0, hflip: float = 0.0, self_reference: float = 0.0,
-                 reference_warp: float = 0.0):
+                 reference_warp: float = 0.0, still_clip: float = 0.0):
         self.videos, self.num_frames, self.contiguous, self.stride = list(videos), num_frames, contiguous, stride
         self.reference_gap, self.color_jitter, self.driver_jitter = reference_gap, color_jitter, driver_jitter
         self.hflip, self.self_reference, self.reference_warp = hflip, self_reference, reference_warp
+        self.still_clip = still_clip
         self.size, self.ref_size, self.pose_size, self.motion_width = size, ref_size, pose_size, motion_width
         self.seed, self.max_frames = seed, max_frames
         self.vae_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True)  # as StreamEngine
@@ -250,7 +252,8 @@ class TalkingHeadDataset(Dataset):
             targets = sorted(int(i) for i in rng.choice(limit, self.num_frames, replace=limit < self.num_frames))
         gap = self.reference_gap or limit
         ref = int(rng.integers(max(0, targets[0] - gap), min(limit, targets[0] + gap + 1)))
-        return (targets[0] if self.rng(key, 4).random() < self.self_reference else ref), targets
+        ref = targets[0] if self.rng(key, 4).random() < self.self_reference else ref
+        return ref, [ref] * len(targets) if self.rng(key, 6).random() < self.still_clip else targets
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         n = len(self.videos)
@@ -319,7 +322,7 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
         max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter,
         driver_jitter=cfg.data.driver_jitter, hflip=cfg.data.hflip, self_reference=cfg.data.self_reference,
-        reference_warp=cfg.data.reference_warp)
+        reference_warp=cfg.data.reference_warp, still_clip=cfg.data.still_clip)
 
 
 def warp_reference(frame: np.ndarray, rng: np.random.Generator, x: float) -> np.ndarray:

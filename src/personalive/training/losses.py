@@ -46,6 +46,14 @@ def snr_weights(scheduler: SchedulerMixin, t: torch.Tensor, gamma: float | None,
     return clipped / snr if target == "noise" else clipped
 
 
+def propagated_weights(scheduler: SchedulerMixin, timesteps: torch.Tensor, window: int) -> torch.Tensor:
+    """(F,) loss weights of a streaming window whose frames sit at `timesteps` (chunks of `window`, oldest first): a
+    chunk's clean-latent error enters its next latent times sqrt(alpha_bar) of the next level, so its squared error
+    counts alpha_bar of it; the oldest chunk's next level is t = 0, the output."""
+    upcoming = torch.cat([timesteps[:window], timesteps[:-window]]).long().cpu()
+    return scheduler.alphas_cumprod[upcoming].float()
+
+
 def load_perceptual(cfg: DistillConfig) -> LPIPS | None:
     """The LPIPS loss of `cfg` when its weight is > 0 and both files exist; None (logged) otherwise."""
     if cfg.perceptual_weight <= 0:

@@ -45,7 +45,7 @@ from personalive.config import TrainConfig
 from personalive.errors import ConfigError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import motion_input, unpack_motion
-from personalive.training.losses import LPIPS, mse, snr_weights
+from personalive.training.losses import LPIPS, mse, propagated_weights, snr_weights
 from personalive.weights import OFFICIAL_FILES, PersonaLiveModels
 
 logger = logging.getLogger(__name__)
@@ -306,6 +306,9 @@ class SlidingStage(TrainingStage):
         truth = target[:, :, rollout * w: rollout * w + len(timesteps)]  # the window's frames, oldest chunk first
         out = {"l2": mse(x0, truth), "keyframes": torch.tensor(float(self.bank.num_keyframes), device=x0.device)}
         weight = self.snr_weights(timesteps, "sample")  # per frame
+        if self.cfg.sliding.chunk_weighting == "propagated":
+            propagated = propagated_weights(self.scheduler.ddim, timesteps, w).to(x0.device)
+            weight = propagated if weight is None else weight * propagated
         out["loss"] = out["l2"] if weight is None else mse(x0, truth, weight[:, None, None])
         return out
 
