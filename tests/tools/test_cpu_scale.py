@@ -90,6 +90,21 @@ def test_chain_runs_end_to_end(tmp_path):
     assert (out3 / vae).read_bytes() == (out / vae).read_bytes()
     assert third["scores"]["vae_ceiling"] == result["scores"]["vae_ceiling"]
 
+    # the first run's stages 1-2 kept, stage 3 again with its settings and one more (--from-stage)
+    out4 = tmp_path / "out4"
+    assert run_tool("cpu_scale", [*argv[2:], "--out", str(out4), "--weights-from", str(out2), "--from-stage", "3",
+                                  "--steps", "5", "5", "2", "stage3:seed=7"]) == 0
+    fourth = json.loads((out4 / "results.json").read_text())
+    assert fourth["from_stage"] == 3 and fourth["steps"] == [1, 1, 2] and fourth["oracle"]
+    assert fourth["overrides"][-1] == "stage3:seed=7" and "stage2:snr_gamma=5" in fourth["overrides"]
+    unet = "train/stage2/final/personalive/denoising_unet.pth"
+    assert (out4 / unet).read_bytes() == (out2 / unet).read_bytes()
+    assert fourth["scores"]["stage2"] == second["scores"]["stage2"]
+    cfg = load_config(out4 / "train/stage3/final/config.yaml", schema=TrainConfig)
+    assert cfg.seed == 7 and cfg.data.reference_gap == 27 and cfg.max_train_steps == 2
+    with pytest.raises(SystemExit):
+        load_tool("cpu_scale").main(["--out", str(tmp_path / "o5"), "--from-stage", "2"])
+
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
     clip = write_video(tmp_path / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8))
