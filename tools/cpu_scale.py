@@ -374,7 +374,6 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             raise ConfigError(f"--rescore: no finished run in {out} (results.json, train/stage3/final); run "
                               f"without --rescore first")
         result = json.loads(results.read_text())
-        face_crops = result.get("face_crops", "keypoints")  # older runs: keypoint boxes
     elif from_stage > 1:  # the earlier run's clip, weights, pre-stages and stages before `from_stage`, as they are
         earlier = weights_from / "results.json"
         if not (earlier.is_file() and (weights_from / f"train/stage{from_stage - 1}/final").is_dir()):
@@ -390,7 +389,6 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         trained, seconds = train_stages(out / "data", weights, out / "train", steps, overrides, from_stage)
         result.update(steps=steps, overrides=overrides, weights_from=str(weights_from), from_stage=from_stage,
                       train_seconds={**result["train_seconds"], **seconds})
-        face_crops = result.get("face_crops", "keypoints")
     else:
         seen = train_frames + test_frames if oracle else train_frames  # what training sees
         data = out / "data"
@@ -432,6 +430,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                   "motion_extractor_pretraining": extractor or None,
                   "unet_channels": read_config(weights, "unet")["block_out_channels"],
                   "latent_channels": read_config(weights, "vae")["latent_channels"]}
+    face_crops = result.get("face_crops", "keypoints")  # an earlier run's (older runs: keypoint boxes)
     result.update(evaluate(out, fit, train_frames, weights, trained, face_crops))
     results.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s, %s and %s", results, out / "strip.png", out / "strip_frame0.png")
