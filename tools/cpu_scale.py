@@ -273,7 +273,7 @@ def train_stages(data: Path, weights: Path, out: Path, steps: list[int], overrid
     from personalive.training.loop import train
 
     init, seconds = (out / f"stage{first - 1}/final" if first > 1 else None), {}
-    for stage, n in list(enumerate(steps, start=1))[first - 1:]:
+    for stage, n in enumerate(steps[first - 1:], start=first):
         mine = [override for scope, override in map(split_scope, overrides) if scope in (None, f"stage{stage}")]
         cfg = stage_config(stage, data, weights, [
             f"output_dir={out / f'stage{stage}'}", f"max_train_steps={n}", f"checkpointing_steps={max(n, 1)}",
