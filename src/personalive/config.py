@@ -258,6 +258,9 @@ class DataConfig:
     # the chance that every target is the reference frame itself: a driver that stands still, whose right answer is
     # the reference unchanged (stage 3: a whole streamed clip of it; 0: off)
     still_clip: float = 0.0
+    # every video appears n times per epoch, each time as a sample of its own: a data set of fewer videos than
+    # train_batch_size (one clip, say) can then fill a batch
+    repeats: int = 1
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -370,6 +373,8 @@ class TrainConfig(PersonaLiveConfig):
         for key in ("hflip", "self_reference", "still_clip"):
             if not 0 <= getattr(self.data, key) <= 1:
                 raise ConfigError(f"data.{key}={getattr(self.data, key)} must be a probability, in [0, 1]")
+        if self.data.repeats < 1:
+            raise ConfigError(f"data.repeats={self.data.repeats} must be >= 1")
         if not 0 <= self.data.reference_warp < 0.5:
             raise ConfigError(f"data.reference_warp={self.data.reference_warp} must be in [0, 0.5)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:

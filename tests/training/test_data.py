@@ -141,6 +141,23 @@ def test_still_clip_makes_every_target_the_reference(tiny_weights, video_dir, tm
         train_cfg(3, tiny_weights, video_dir, tmp_path, "data.still_clip=2")
 
 
+def test_repeats_let_one_video_fill_a_batch(tiny_weights, video_dir, tmp_path):
+    from personalive.training.loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(video_dir / "a.mp4", data / "a.mp4")
+    ds = build_dataset(train_cfg(1, tiny_weights, data, tmp_path, "data.repeats=3"), 2, False, 32)
+    items = [ds[key] for key in range(len(ds))]
+    assert len(ds) == 3 and not torch.equal(items[0]["frames"], items[1]["frames"])  # one video, samples of their own
+    with pytest.raises(ConfigError, match="train_batch_size=2 .* raise data.repeats"):
+        train(train_cfg(1, tiny_weights, data, tmp_path / "one", "train_batch_size=2"))
+    assert train(train_cfg(1, tiny_weights, data, tmp_path / "two", "train_batch_size=2", "data.repeats=2",
+                           "max_train_steps=1")).is_dir()
+    with pytest.raises(ConfigError, match="repeats=0"):
+        train_cfg(1, tiny_weights, data, tmp_path, "data.repeats=0")
+
+
 def test_reference_warp_moves_the_reference_alone(tiny_weights, video_dir, tmp_path):
     def item(*overrides):
         return build_dataset(train_cfg(1, tiny_weights, video_dir, tmp_path, *overrides), 2, False, 32)[5]

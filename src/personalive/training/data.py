@@ -317,7 +317,7 @@ def build_dataset(cfg: TrainConfig, num_frames: int, contiguous: bool, clip_size
     span = (num_frames - 1) * cfg.data.frame_stride + 1 if contiguous else 1
     me = cfg.model.motion_extractor
     return TalkingHeadDataset(
-        scan_videos(cfg, span), num_frames, contiguous, (cfg.height, cfg.width),
+        scan_videos(cfg, span) * cfg.data.repeats, num_frames, contiguous, (cfg.height, cfg.width),
         (cfg.reference_image_height, cfg.reference_image_width), me.input_size, clip_size,
         motion_dim(me.num_bins, me.num_kp), seed=cfg.seed, stride=cfg.data.frame_stride,
         max_frames=cfg.data.max_frames, reference_gap=cfg.data.reference_gap, color_jitter=cfg.data.color_jitter,

@@ -109,7 +109,8 @@ def train(cfg: TrainConfig) -> Path:
     stage, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage, optimizer, dataloader, lr_scheduler)
     if len(dataloader) == 0:
         raise ConfigError(f"{len(dataset)} usable videos cannot fill one batch of train_batch_size="
-                          f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos or lower it")
+                          f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos, lower it or raise "
+                          "data.repeats")
     ema = None
     if cfg.ema_decay is not None:
         ema = EMAModel(params, decay=cfg.ema_decay)
