@@ -108,9 +108,9 @@ def train(cfg: TrainConfig) -> Path:
                             num_workers=cfg.data.num_workers, drop_last=True)
     stage, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage, optimizer, dataloader, lr_scheduler)
     if len(dataloader) == 0:
-        raise ConfigError(f"{len(dataset)} usable videos cannot fill one batch of train_batch_size="
-                          f"{cfg.train_batch_size} x {accelerator.num_processes} process(es); add videos, lower it or raise "
-                          "data.repeats")
+        raise ConfigError(f"{len(dataset) // cfg.data.repeats} usable videos x data.repeats={cfg.data.repeats} cannot "
+                          f"fill one batch of train_batch_size={cfg.train_batch_size} x {accelerator.num_processes} "
+                          "process(es); add videos, lower it or raise data.repeats")
     ema = None
     if cfg.ema_decay is not None:
         ema = EMAModel(params, decay=cfg.ema_decay)
