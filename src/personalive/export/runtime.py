@@ -72,12 +72,16 @@ def create_step_fn(acceleration: str, engine, cfg=None, directory: str | Path | 
     from personalive.export.tensorrt import require_tensorrt
 
     require_tensorrt()  # what is missing first, then which file
-    if engine.device.type != "cuda":
-        raise BackendUnavailableError(f"acceleration=tensorrt needs a CUDA device, the engine runs on "
-                                      f"{engine.device}; use device=cuda or --acceleration onnxruntime")
+    _require_cuda_for_tensorrt(engine.device)  # before the file check: the first thing to fix
     path = directory / ENGINE_PATH
     _check_export(path, cfg, "")
     return TensorRTStep(path, spec, engine.device)
+
+
+def _require_cuda_for_tensorrt(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"acceleration=tensorrt needs a CUDA device, the engine runs on {device}; "
+                                      "use device=cuda or --acceleration onnxruntime")
 
 
 def _check_export(path: Path, cfg, flags: str) -> None:
@@ -193,9 +197,7 @@ class TensorRTStep:
 
         trt = require_tensorrt()
         self.path, self.spec, self.device = Path(path), spec, torch.device(device)
-        if self.device.type != "cuda":
-            raise BackendUnavailableError(f"acceleration=tensorrt needs a CUDA device, the engine runs on "
-                                          f"{self.device}; use device=cuda or --acceleration onnxruntime")
+        _require_cuda_for_tensorrt(self.device)
         hint = EXPORT_HINT.format(flags="--force")
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
