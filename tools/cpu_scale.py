@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{sorted(scopes)}: a stage-scoped override is stage1:key=value, stage2:... or stage3:...")
     if args.from_stage > 1 and not args.weights_from:
         parser.error("--from-stage: name the run whose earlier stages to keep with --weights-from")
+    if args.extra_frames is not None and args.extra_frames < 1:
+        parser.error("--extra-frames must be at least 1 (omit it to train on every frame of each --extra-video)")
     if args.extra_videos and (args.rescore or args.from_stage > 1):
         parser.error("--extra-video: a run's training folder is fixed when it starts; not with --rescore or --from-stage")
     if args.latent_channels and args.weights_from:

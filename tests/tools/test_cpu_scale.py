@@ -112,6 +112,8 @@ def test_chain_runs_end_to_end(tmp_path):
         load_tool("cpu_scale").main(["--out", str(tmp_path / "o5"), "--from-stage", "2"])
     with pytest.raises(SystemExit):  # the training folder is the earlier run's
         load_tool("cpu_scale").main([*argv, "--rescore", "--extra-video", str(extra)])
+    with pytest.raises(SystemExit):
+        load_tool("cpu_scale").main([*argv, "--extra-video", str(extra), "--extra-frames", "0"])
 
 
 def test_too_short_a_clip_is_one_line(tmp_path, caplog):
