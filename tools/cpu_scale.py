@@ -398,9 +398,9 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
         data.mkdir(parents=True, exist_ok=True)
         extras = {f"extra{i}_{path.stem}.mp4": read_clip(path, cfg.height, cfg.width, extra_frames)
                   for i, path in enumerate(extra_videos or [])}
-        for name, clip in {f"{video.stem}_train.mp4": (frames[:seen], rate), **extras}.items():
-            with VideoWriter(data / name, clip[1]) as writer:  # the training folder
-                for frame in clip[0]:
+        for name, (clip, clip_rate) in {f"{video.stem}_train.mp4": (frames[:seen], rate), **extras}.items():
+            with VideoWriter(data / name, clip_rate) as writer:  # the training folder
+                for frame in clip:
                     writer.write(frame)
         pretraining_frames = np.concatenate([fit[:seen], *(clip for clip, _ in extras.values())])
         earlier = weights_from and weights_from / "results.json"
