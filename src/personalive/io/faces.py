@@ -15,10 +15,9 @@ import logging
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
 
 from personalive.errors import BackendUnavailableError, NoFaceError
+from personalive.io.images import check_frame, resize_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +27,6 @@ BOX_SCALE = 1.1  # official `scale_bb(face_box, scale=1.1, ...)`
 MIN_CROP = 8  # px; a smaller (degenerate) box is grown around its centre to this side
 CROP_SIZE = 224  # motion encoder input side (`MotionEncoderConfig.image_size`)
 MEDIAPIPE_PIN = "mediapipe==0.10.21"  # the newest release that still ships `mediapipe.solutions.face_mesh`
-
-# vae_scale_factor=1 so that any `size` is kept (the default rounds sizes down to multiples of 8; 224 is one)
-_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True, do_convert_rgb=True)
 
 
 def mediapipe_available() -> bool:
@@ -71,7 +67,7 @@ class FaceCropper:
     def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
         """FaceMesh's 468 landmarks of a uint8 RGB frame (H, W, 3) as float64 (468, 3): x / W, y / H and MediaPipe's
         relative depth z (about x's scale, smaller is nearer); None if no face is found."""
-        _check_frame(frame)
+        check_frame(frame)
         result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
             return None
@@ -128,12 +124,11 @@ def crop_face(frame: np.ndarray, box: Box, size: int = CROP_SIZE) -> torch.Tenso
     The box is clipped to the frame; a box smaller than MIN_CROP px (or empty, or inverted) is grown around its
     centre, so any box gives a crop.
     """
-    _check_frame(frame)
+    check_frame(frame)
     h, w = frame.shape[:2]
     x1, x2 = _span(box[0], box[2], w)
     y1, y2 = _span(box[1], box[3], h)
-    patch = Image.fromarray(np.ascontiguousarray(frame[y1:y2, x1:x2]))
-    return _processor.preprocess(patch, height=size, width=size)[0]  # (3, size, size)
+    return resize_to_tensor(frame[y1:y2, x1:x2], size, size)
 
 
 def _span(start: float, end: float, length: int) -> tuple[int, int]:
@@ -147,8 +142,3 @@ def _span(start: float, end: float, length: int) -> tuple[int, int]:
         end = start + need
     return start, end
 
-
-def _check_frame(frame: np.ndarray) -> None:
-    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        shape = getattr(frame, "shape", None)
-        raise ValueError(f"expected a uint8 RGB array (H, W, 3), got {type(frame).__name__} {shape}")

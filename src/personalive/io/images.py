@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from personalive.errors import ImageReadError
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 MAX_SIDE = 4096  # larger images are downscaled on load; the models work at 512 px
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# the official pipelines' input preparation; vae_scale_factor=1 keeps any size (the default rounds down to 8s)
+_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True, do_convert_rgb=True)
 
 
 def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
@@ -99,15 +102,27 @@ def to_uint8(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (height, width, 3): centre-crop to the target aspect ratio, then Lanczos resize.
+def resize_to_tensor(frame: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, height, width) in [-1, 1], resized without keeping the aspect ratio.
+
+    PIL Lanczos, then x / 255 * 2 - 1: diffusers' `VaeImageProcessor`, as the official pipelines prepare their
+    motion-extractor inputs and face crops, so the numbers match theirs exactly.
+    """
+    check_frame(frame)
+    return _processor.preprocess(Image.fromarray(np.ascontiguousarray(frame)), height=height, width=width)[0]
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int, crop: bool = True) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (height, width, 3): centre-crop to the target aspect ratio (unless `crop` is False:
+    then the frame is squashed, as the official offline script does), then Lanczos resize.
 
     Returns `frame` itself when it already has the target size.
     """
-    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 array (H, W, 3), got {_describe(frame)}")
+    check_frame(frame)
     if frame.shape[:2] == (height, width):
         return frame
+    if not crop:
+        return np.array(Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), Image.Resampling.LANCZOS))
     h, w = frame.shape[:2]
     if w * height > h * width:  # too wide: keep the middle columns
         keep = max(1, round(h * width / height))
@@ -123,3 +138,9 @@ def _describe(x: object) -> str:
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
+
+
+def check_frame(frame: np.ndarray) -> None:
+    """ValueError unless `frame` is a uint8 RGB array (H, W, 3)."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 array (H, W, 3), got {_describe(frame)}")
