@@ -148,16 +148,21 @@ class PersonaLiveConfig:
     keyframe_threshold: float = 17.0  # official: L2 distance over one frame's 32x16 motion tokens
     keyframe_start_step: int = 9  # official: the test runs once more than 8 steps have been taken
     max_keyframes: int = 3  # official online cap on historical keyframes
+    # whose motion the keyframe test reads: "leaving" (the frame leaving the window: the official online wrapper) or
+    # "entering" (the first frame of the newest chunk: the official offline script); null: the entry point's own
+    # official choice (inference_offline.py: entering; the web server: leaving)
+    keyframe_motion: Optional[str] = None
 
     def __post_init__(self) -> None:
         check = {
             "sampler": (self.sampler, {"DDIM"}),
             "dtype": (self.dtype, {"fp16", "bf16", "fp32"}),
             "attention": (self.attention, {"sdpa", "xformers"}),
+            "keyframe_motion": (self.keyframe_motion, {None, "leaving", "entering"}),
         }
         for key, (value, allowed) in check.items():
             if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not supported; use one of {sorted(allowed)}")
+                raise ConfigError(f"{key}={value!r} is not supported; use one of {sorted(allowed, key=str)}")
         if self.batch_size != 1:
             raise ConfigError(f"batch_size={self.batch_size}: the streaming engine serves one stream; use 1")
         for key in ("height", "width", "reference_image_height", "reference_image_width"):

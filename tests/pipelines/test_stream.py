@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from personalive.pipelines.stream import StreamEngine
@@ -140,3 +141,28 @@ def test_latent_scale_is_the_vae_configs(tiny_models, tiny_cfg, reference):
             assert (first - round_trip).abs().mean() < 0.03, scale  # a decode at another scale: > 0.1
     finally:
         vae.register_to_config(scaling_factor=0.18215)
+
+
+def test_half_precision_resizes_and_crops_in_float32_then_casts(tiny_cfg, reference, monkeypatch):
+    """Official order in fp16/bf16: the driving frames are resized (motion-extractor input) and cropped (face
+    crops) in float32 and cast afterwards; casting first would round the pixels before the resampling."""
+    from personalive import keypoints as kp
+    from personalive.weights import load_models
+
+    models = load_models(tiny_cfg, "cpu", torch.bfloat16)
+    engine = StreamEngine(models, tiny_cfg)
+    seen, boxes = {}, []
+    models.motion_extractor.register_forward_pre_hook(lambda m, args: seen.__setitem__("extractor", args[0]))
+    models.motion_encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("encoder", args[0]))
+    face_boxes = kp.face_boxes
+    monkeypatch.setattr(kp, "face_boxes", lambda *a: boxes.append(face_boxes(*a)) or boxes[-1])
+    chunks = driving(2)
+    engine.fuse_reference(reference)
+    engine.step(chunks[0])
+    engine.step(chunks[1])  # a step past the start: the motion encoder sees exactly this chunk's crops
+    size, crop = models.motion_extractor.config.input_size, models.motion_encoder.config.image_size
+    expected = F.interpolate(chunks[1], size=(size, size), mode="bilinear", align_corners=False) / 2 + 0.5
+    assert seen["extractor"].dtype == torch.bfloat16
+    assert torch.equal(seen["extractor"], expected.to(torch.bfloat16))
+    faces = kp.crop_faces(chunks[1], boxes[-1], crop).to(torch.bfloat16)  # (4, 3, s, s)
+    assert torch.equal(seen["encoder"], faces.permute(1, 0, 2, 3).unsqueeze(0))

@@ -5,13 +5,16 @@ timesteps 0, 333, 666, 999. One denoising-UNet call advances every chunk by one 
 then clean, leaves the window and is decoded, and a fresh noisy chunk of the reference latent enters. Before
 the first driving chunk the window is filled with a motion ramp from the reference pose to the first driving
 pose (12 frames), so the first three steps return those ramp frames. Historical keyframes: when the motion of
-the frame about to leave is far from the reference's and every keyframe's, the reference UNet re-runs on its
-predicted clean latent and its tokens join the reference attention (at most `max_keyframes`).
+one frame (the frame leaving the window, as the official online wrapper tests; or the first frame of the newest
+chunk, as the official offline script does: `keyframe_motion`) is far from the reference's and every keyframe's,
+the reference UNet re-runs on the leaving frame's clean latent and its tokens join the reference attention (at
+most `max_keyframes`).
 
 `StreamStep` is the tensor-only part of a step (what `torch2trt.py` exports); `StreamEngine` around it does the
 rest (reference fusion, keypoints, face crops, noise, keyframe decisions) and keeps the state. Every buffer is
 bounded: a step costs the same at frame 10 and at frame 10 million. Official reference: the online wrapper
-`src/wrapper.py`; where the official offline pipeline disagrees with it, this follows the online wrapper.
+`src/wrapper.py`; the official offline script's other preparation of the same inputs (the motion-extractor input,
+the face crops, the CLIP input) is made by its driver (`pipelines/offline.py`) and passed in.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class StreamState:
     kp_ref: dict | None = None  # raw motion-extractor outputs of the reference
     kp_first: dict | None = None  # ... of the first driving frame
     motion_bank: torch.Tensor | None = None  # (k, m * d) motion of the reference and of every keyframe
+    keyframe_motion: str = "leaving"  # whose motion the keyframe test reads (`PersonaLiveConfig.keyframe_motion`)
     steps: int = 0  # steps taken
 
 
@@ -174,19 +178,26 @@ class StreamEngine:
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fuse_reference(self, image: Image.Image, face: torch.Tensor | None = None) -> None:
+    def fuse_reference(self, image: Image.Image, face: torch.Tensor | None = None,
+                       clip_image: Image.Image | None = None, keyframe_motion: str | None = None) -> None:
         """Take a new reference portrait (any size, RGB); starts a new stream.
 
         Args:
             image: the reference portrait.
             face: optional (3, s, s) face crop in [-1, 1] for the motion encoder (offline path: mediapipe box);
                 by default it is cut from the reference with the keypoint-derived box.
+            clip_image: what the CLIP encoder sees (default: `image`, whose centre square the CLIP processor
+                takes; the official offline script squashes the whole portrait to 224 x 224 first).
+            keyframe_motion: "leaving" or "entering" (see `PersonaLiveConfig.keyframe_motion`); default: the
+                config's, else "leaving" (the official online wrapper).
         """
+        if keyframe_motion not in (None, "leaving", "entering"):
+            raise ValueError(f"keyframe_motion={keyframe_motion!r}; use 'leaving' or 'entering'")
         self.reset()
         m, cfg = self.models, self.cfg
         image = image.convert("RGB")
         with self.stage("reference"):
-            pixels = self.clip_processor(images=image, return_tensors="pt").pixel_values
+            pixels = self.clip_processor(images=(clip_image or image).convert("RGB"), return_tensors="pt").pixel_values
             clip = m.image_encoder(pixels.to(self.device, self.dtype)).image_embeds.unsqueeze(1)  # (1, 1, d)
             ref = self.vae_processor.preprocess(image, cfg.reference_image_height, cfg.reference_image_width)
             ref = ref.to(self.device, self.dtype)  # (1, 3, H, W) in [-1, 1]
@@ -200,6 +211,7 @@ class StreamEngine:
         self.state = StreamState(
             clip_embeds=clip, ref_latents=latents, ref_image=ref[0], ref_pose_input=pose_input / 2 + 0.5,
             ref_face=None if face is None else face.to(self.device).unsqueeze(0),
+            keyframe_motion=keyframe_motion or cfg.keyframe_motion or "leaving",
             latents=self._noisy(latents, pad, self.timesteps[:pad]),
         )
 
@@ -210,12 +222,17 @@ class StreamEngine:
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, frames: torch.Tensor, faces: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, frames: torch.Tensor, faces: torch.Tensor | None = None,
+             motion_input: torch.Tensor | None = None) -> torch.Tensor:
         """Animate one micro-chunk.
 
+        Frames are resized and cropped in float32 and cast to the models' dtype afterwards, as officially.
+
         Args:
-            frames: (w, 3, H, W) driving frames in [-1, 1], H x W = the config's height x width.
+            frames: (w, 3, H, W) float32 driving frames in [-1, 1], H x W = the config's height x width.
             faces: optional (w, 3, s, s) face crops in [-1, 1] (offline path); default: keypoint boxes.
+            motion_input: optional (w, 3, S, S) motion-extractor input in [0, 1] (offline path: the native
+                frames resized to S x S); default: `frames` resized bilinearly.
         Returns:
             (w, H, W, 3) float32 frames in [0, 1] on the CPU: the chunk given `chunks - 1` steps ago (the first
             steps return the ramp from the reference pose to the first driving pose).
@@ -225,11 +242,12 @@ class StreamEngine:
             raise RuntimeError("fuse_reference() must run before step()")
         if frames.shape[0] != w or frames.shape[-2:] != (self.cfg.height, self.cfg.width):
             raise ValueError(f"expected ({w}, 3, {self.cfg.height}, {self.cfg.width}) frames, got {tuple(frames.shape)}")
-        frames = frames.to(self.device, self.dtype)
+        frames = frames.to(self.device)  # resized and cropped in its own dtype (float32), cast afterwards
         with self.stage("motion_extraction"):
-            size = m.motion_extractor.config.input_size
-            pose_input = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False) / 2 + 0.5
-            pose_input = pose_input.to(m.motion_extractor.dtype)
+            if motion_input is None:
+                size = m.motion_extractor.config.input_size
+                motion_input = F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False) / 2 + 0.5
+            pose_input = motion_input.to(self.device, m.motion_extractor.dtype)
             driving = m.motion_extractor(pose_input)
             if faces is None:
                 boxes = kp.face_boxes(kp.transform_keypoints(driving), self.cfg.height, self.cfg.width)
@@ -251,11 +269,12 @@ class StreamEngine:
             with self.stage("step"):
                 out = self.step_fn(*args, reference=self.bank.state())
         frames_out, state.latents, state.motion, state.pose, motion_first, x0_first = out
-        if self._is_keyframe(motion_first[0]):
+        tested = motion_first[0] if state.keyframe_motion == "leaving" else state.motion[0, -w]  # (m, d)
+        if self._is_keyframe(tested):
             with self.stage("keyframe"):
-                self._run_reference_unet(x0_first, state.clip_embeds)
+                self._run_reference_unet(x0_first, state.clip_embeds)  # the leaving frame, in both rules
                 self.bank.add_keyframe()
-                state.motion_bank = torch.cat([state.motion_bank, motion_first.flatten(1).float()])
+                state.motion_bank = torch.cat([state.motion_bank, tested.flatten()[None].float()])
                 logger.info("keyframe %d added at step %d", self.bank.num_keyframes, state.steps)
         state.steps += 1
         return frames_out.float().cpu()
@@ -288,7 +307,7 @@ class StreamEngine:
         return posed[pad:]
 
     def _is_keyframe(self, tokens: torch.Tensor) -> bool:
-        """Is the frame that just left the window (tokens (m, d)) far from the reference and every keyframe?"""
+        """Are a frame's motion tokens (m, d) far from the reference's and every keyframe's?"""
         state = self.state
         if state.steps < self.cfg.keyframe_start_step or self.bank.num_keyframes >= self.cfg.max_keyframes:
             return False
