@@ -6,9 +6,10 @@
   sorted order (cyclically), or the images of `--references` in sorted order (video i gets image i mod m). There is
   no ground truth: ID-SIM (reference vs result), AED and APD (result vs driver), FVD (results vs drivers), tLP.
 
-Every video is read whole (at most `max_frames` frames), centre-cropped and resized to the model size (as the
-offline driver does), animated with the streaming engine through `pipelines.offline.stream_video` (ramp frames
-dropped, the window flushed, one output frame per driving frame), scored, and released: memory holds one video.
+Every video is read whole (at most `max_frames` frames), centre-cropped and resized to the model size (so that
+the result and the video it is scored against share their geometry), animated with the streaming engine as the
+offline driver animates (`pipelines.offline.animate_frames`: ramp frames dropped, the window flushed, one output
+frame per driving frame), scored, and released: memory holds one video.
 Metrics are averaged over all frames (all transitions for tLP) of all videos; FVD is computed once over the
 16-frame clips of all videos.
 """
@@ -33,9 +34,9 @@ from personalive.errors import ConfigError, ImageReadError, VideoReadError
 from personalive.evaluation import metrics as M
 from personalive.evaluation.networks import METRIC_TITLES, EvalNetworks, motion_descriptors
 from personalive.io.faces import FaceCropper, crop_face
-from personalive.io.images import fit_frame, load_image
+from personalive.io.images import fit_frame, load_image, to_uint8
 from personalive.io.video import DEFAULT_FPS, VideoReader, VideoWriter
-from personalive.pipelines.offline import DrivingFaces, face_cropper, stream_video
+from personalive.pipelines.offline import DrivingFaces, animate_frames, face_cropper
 from personalive.pipelines.stream import StreamEngine
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def animate(engine: StreamEngine, reference: np.ndarray, driver: np.ndarray, cro
     """Animate `reference` uint8 (H, W, 3) with `driver` uint8 (n, H, W, 3), both at the engine's size ->
     uint8 (n, H, W, 3), output i the animation of driving frame i (the offline driver's streaming loop).
 
-    Face crops as in the offline driver: MediaPipe boxes with `cropper` (the reference falls back to the keypoint
+    Inputs prepared as the offline driver prepares them (`pipelines.offline.driving_frames`). Face crops as in the
+    offline driver: MediaPipe boxes with `cropper` (the reference falls back to the keypoint
     box when no face is found, with a warning), keypoint boxes without.
     """
     crop_size = engine.cfg.model.motion_encoder.image_size
@@ -137,10 +139,9 @@ def animate(engine: StreamEngine, reference: np.ndarray, driver: np.ndarray, cro
             logger.warning("no face found in the reference for %s; using the keypoint face box", source)
         else:
             ref_face = crop_face(reference, box, crop_size)
-    engine.fuse_reference(Image.fromarray(reference), ref_face)
     faces = DrivingFaces(cropper, crop_size, source)
-    pairs = stream_video(engine, ((frame, faces(i, frame)) for i, frame in enumerate(driver)))
-    out = np.stack([frame for _, frame in pairs])
+    pairs = animate_frames(engine, Image.fromarray(reference), ref_face, driver, faces)
+    out = to_uint8(np.stack([frame for _, frame in pairs]))
     faces.summary()
     return out
 

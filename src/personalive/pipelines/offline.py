@@ -13,8 +13,12 @@ frame per driving frame:
   keeps reflecting back and forth over its frames), so the last frames see natural motion, not a frozen pose.
   Only the last 13 frames are kept for this (a bounded ring buffer).
 
-Face crops for the motion encoder are made as the official offline script makes them: a MediaPipe FaceMesh box
-(square, 1.1 x the landmarks' extent) on the frame as decoded. A driving frame where MediaPipe finds no face reuses
+Every input is prepared as the official offline script prepares it (`driving_frames`, `fuse_reference`): the
+motion extractor sees each decoded frame Lanczos-resized straight to 256 x 256 (not cropped: a non-square video is
+squashed, and so is the model-size frame); CLIP sees the reference squashed to 224 x 224; the keyframe test reads
+the first frame of the newest chunk (`keyframe_motion: entering`, unless the config says otherwise). Face crops for
+the motion encoder are the official ones too: a MediaPipe FaceMesh box (square, 1.1 x the landmarks' extent) on
+the frame as decoded, the reference's included. A driving frame where MediaPipe finds no face reuses
 the last good crop (one warning, naming the frame); until the first face is found a chunk falls back to the
 keypoint-derived boxes of the online path (`faces=None`). Without MediaPipe every chunk uses keypoint boxes.
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import chain, islice
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,7 +50,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from personalive.config import PersonaLiveConfig
 from personalive.errors import BackendUnavailableError, ConfigError
 from personalive.io.faces import FaceCropper, crop_face, mediapipe_available
-from personalive.io.images import fit_frame, frames_to_tensor, load_image, to_uint8
+from personalive.io.images import fit_frame, frames_to_tensor, load_image, resize_to_tensor, to_uint8
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader, VideoWriter
 from personalive.pipelines.nonstream import animate_clip
@@ -58,6 +63,14 @@ FACE_CROPS = ("auto", "mediapipe", "keypoints")
 LONG_CLIP_FRAMES = 300  # --stream_gen false warns above this many frames (it holds the whole clip)
 
 Face = torch.Tensor | None  # (3, s, s) crop in [-1, 1], or None: keypoint box
+
+
+class DrivingFrame(NamedTuple):
+    """One driving frame as `stream_video` takes it."""
+
+    frame: np.ndarray  # uint8 (H, W, 3) at the engine's size
+    face: Face
+    motion: torch.Tensor | None = None  # (3, S, S) motion-extractor input in [0, 1]; None: resized from `frame`
 
 
 @dataclass
@@ -181,28 +194,57 @@ def reflect_index(k: int, n: int) -> int:
     return q if q <= n - 1 else period - q
 
 
-def stream_video(engine: StreamEngine, frames: Iterable[tuple[np.ndarray, Face]]
+def driving_frames(frames: Iterable[np.ndarray], faces: DrivingFaces, height: int, width: int,
+                   motion_size: int) -> Iterator[DrivingFrame]:
+    """Decoded uint8 frames (any size) -> `DrivingFrame`s prepared as the official offline script prepares them:
+    the model-size frame and the motion-extractor input (S x S, in [0, 1]) are the frame resized without a crop
+    (PIL Lanczos), the face crop is `faces`'."""
+    for index, frame in enumerate(frames):
+        motion = resize_to_tensor(frame, motion_size, motion_size) / 2 + 0.5  # official: VaeImageProcessor, then to [0, 1]
+        yield DrivingFrame(fit_frame(frame, height, width, crop=False), faces(index, frame), motion)
+
+
+def fuse_reference(engine: StreamEngine, image: Image.Image, face: Face, keyframe_motion: str | None = None) -> None:
+    """Start a stream as the official offline script does: CLIP sees the portrait squashed to 224 x 224 (PIL's
+    default bicubic), the keyframe test reads the newest chunk's first frame unless `keyframe_motion` says otherwise."""
+    clip_image = image.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+    engine.fuse_reference(image, face, clip_image=clip_image, keyframe_motion=keyframe_motion or "entering")
+
+
+def animate_frames(engine: StreamEngine, image: Image.Image, ref_face: Face, frames: Iterable[np.ndarray],
+                   faces: DrivingFaces, keyframe_motion: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The official offline script's streaming path: fuse the reference (`fuse_reference`), then animate decoded
+    uint8 frames of any size, prepared by `driving_frames` -> `stream_video`'s (driving, animated) pairs."""
+    fuse_reference(engine, image, ref_face, keyframe_motion)
+    size = engine.models.motion_extractor.config.input_size
+    return stream_video(engine, driving_frames(frames, faces, engine.cfg.height, engine.cfg.width, size))
+
+
+def stream_video(engine: StreamEngine, frames: Iterable[DrivingFrame | tuple]
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Animate a stream of driving frames with a fused engine, one output per driving frame, in order.
 
     Args:
         engine: a `StreamEngine` on which `fuse_reference` has run.
-        frames: (frame, face) pairs: uint8 (H, W, 3) at the engine's size, and its face crop (3, s, s) in [-1, 1]
-            or None. A chunk with a None face uses the keypoint boxes for all its frames.
+        frames: `DrivingFrame`s (or tuples of their fields). A chunk with a None face uses the keypoint boxes for
+            all its frames; a chunk with a None motion input resizes its frames for the motion extractor.
     Yields:
-        (driving frame, animated frame), both uint8 (H, W, 3), as soon as the engine returns them (3 steps late).
+        (driving frame uint8 (H, W, 3), animated frame float32 (H, W, 3) in [0, 1]), as soon as the engine returns
+        them (3 steps late).
     """
     w, ramp = engine.window, engine.num_ramp_frames
-    history: deque[tuple[np.ndarray, Face]] = deque(maxlen=ramp + 1)  # the last 13 real frames, for the tail
+    history: deque[DrivingFrame] = deque(maxlen=ramp + 1)  # the last 13 real frames, for the tail
     pending: deque[np.ndarray] = deque()  # driving frames whose output has not left the engine (<= ramp + w)
     skip = ramp  # outputs still to drop: the ramp
 
-    def step(chunk: list[tuple[np.ndarray, Face]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def stacked(values: list) -> torch.Tensor | None:
+        return None if any(v is None for v in values) else torch.stack(values)
+
+    def step(chunk: list[DrivingFrame]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         nonlocal skip
-        faces = [face for _, face in chunk]
-        faces = None if any(f is None for f in faces) else torch.stack(faces)
-        out = to_uint8(engine.step(frames_to_tensor(np.stack([f for f, _ in chunk])), faces))
-        for frame in out:
+        frames = frames_to_tensor(np.stack([item.frame for item in chunk]))
+        out = engine.step(frames, stacked([item.face for item in chunk]), stacked([item.motion for item in chunk]))
+        for frame in out.numpy():
             if skip:
                 skip -= 1
             elif pending:  # outputs of padding and tail frames have no driving frame: dropped
@@ -210,9 +252,10 @@ def stream_video(engine: StreamEngine, frames: Iterable[tuple[np.ndarray, Face]]
 
     n, chunk = 0, []
     for item in frames:
+        item = DrivingFrame(*item)
         n += 1
         history.append(item)
-        pending.append(item[0])
+        pending.append(item.frame)
         chunk.append(item)
         if len(chunk) == w:
             yield from step(chunk)
@@ -229,17 +272,17 @@ def stream_video(engine: StreamEngine, frames: Iterable[tuple[np.ndarray, Face]]
 
 
 def whole_clip(engine: StreamEngine, reference: Image.Image, ref_face: Face,
-               frames: Iterable[tuple[np.ndarray, Face]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+               frames: Iterable[DrivingFrame]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`stream_video`'s contract for the official non-streaming pipeline: reads every frame first (memory grows
     with the clip), then yields (driving frame, animated frame) pairs as `nonstream.animate_clip` decodes them."""
-    items = list(frames)
+    items = [DrivingFrame(*item) for item in frames]
     if len(items) > LONG_CLIP_FRAMES:
         logger.warning("--stream_gen false holds the whole clip in memory (%d frames); use --stream_gen true or "
                        "-L N for long videos", len(items))
-    clip = frames_to_tensor(np.stack([frame for frame, _ in items]))  # (n, 3, H, W) in [-1, 1]
-    outputs = (frame for chunk in animate_clip(engine, reference, clip, [f for _, f in items], ref_face)
-               for frame in to_uint8(chunk))
-    yield from zip((frame for frame, _ in items), outputs, strict=False)  # stops at n: padding outputs dropped
+    clip = frames_to_tensor(np.stack([item.frame for item in items]))  # (n, 3, H, W) in [-1, 1]
+    outputs = (frame for chunk in animate_clip(engine, reference, clip, [item.face for item in items], ref_face)
+               for frame in chunk.numpy())
+    yield from zip((item.frame for item in items), outputs, strict=False)  # stops at n: padding outputs dropped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,10 +348,7 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
             set_acceleration(engine, cfg, options.acceleration)
         height, width = engine.cfg.height, engine.cfg.width
         faces = DrivingFaces(cropper, crop_size, str(driving))
-
-        def inputs() -> Iterator[tuple[np.ndarray, Face]]:
-            for index, frame in enumerate(islice(chain([first], decoded), options.max_frames)):
-                yield fit_frame(frame, height, width), faces(index, frame)
+        frames = islice(chain([first], decoded), options.max_frames)
 
         total = reader.num_frames
         if total is not None and options.max_frames is not None:
@@ -322,11 +362,12 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
               logging_redirect_tqdm(),
               tqdm(total=total, unit="frame", desc="animating", disable=not options.progress) as bar):
             if options.stream:
-                engine.fuse_reference(image, ref_face)
-                pairs = stream_video(engine, inputs())
+                pairs = animate_frames(engine, image, ref_face, frames, faces, cfg.keyframe_motion)
             else:
-                pairs = whole_clip(engine, image, ref_face, inputs())
+                size = engine.models.motion_extractor.config.input_size
+                pairs = whole_clip(engine, image, ref_face, driving_frames(frames, faces, height, width, size))
             for driving_frame, frame in pairs:
+                frame = to_uint8(frame)
                 writer.write(frame)
                 if side_writer is not None:
                     side_writer.write(np.concatenate([ref_panel, driving_frame, frame], axis=1))
