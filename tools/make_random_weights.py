@@ -2,6 +2,7 @@
 
     python tools/make_random_weights.py --size tiny                 # -> pretrained_weights/tiny
     python tools/make_random_weights.py --size full --out DIR --dtype fp16
+    python tools/make_random_weights.py --size fidelity            # -> pretrained_weights/fidelity
 
 Every test and demo then runs the real loading code on these files.
 """
@@ -21,14 +22,16 @@ from personalive.io.checkpoints import WEIGHT_FILES, save_state_dict, write_json
 from personalive.weights import OFFICIAL_FILES, build_models, official_state_dicts, perturb_zero_init, save_models
 
 SIZES = {"tiny": ("configs/prompts/tiny.yaml", "pretrained_weights/tiny"),
-         "full": ("configs/prompts/personalive_online.yaml", "pretrained_weights/random-full")}
+         "full": ("configs/prompts/personalive_online.yaml", "pretrained_weights/random-full"),
+         # small UNets, VAE and CLIP, full-size motion networks, 512 x 512: the fidelity fixtures' set-up
+         "fidelity": ("configs/prompts/fidelity.yaml", "pretrained_weights/fidelity")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--out", type=Path, help="weights folder (default: pretrained_weights/tiny for tiny)")
+    parser.add_argument("--out", type=Path, help="weights folder (default: pretrained_weights/<size>; random-full for full)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
