@@ -14,8 +14,8 @@ sizes it was made for, and is ignored (with a warning) when either no longer mat
 
 A corrupt, empty, too short or (MediaPipe cache) faceless video is skipped with a warning that names it, when the
 dataset is built or, if it fails later, when a sample is drawn (another video then takes its place). The order of
-samples is a pure function of the seed and the epoch (`EpochSampler`), and a sample a pure function of its key, so
-a resumed run sees exactly the batches an uninterrupted one would.
+samples is a pure function of the seed and the epoch (`EpochSampler`, which also shards them across processes), and a
+sample a pure function of its key, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -340,21 +340,47 @@ def warp_reference(frame: np.ndarray, rng: np.random.Generator, x: float) -> np.
 
 
 class EpochSampler(Sampler[int]):
-    """Sample keys `epoch * n + i`, i in a permutation of range(n) drawn from (seed, epoch): the data order is a
-    pure function of the seed and the epoch, so skipping the first batches of an epoch resumes it exactly."""
+    """The sample keys of one process: epoch e visits `e * n + i` for i in a permutation of range(n) drawn from
+    (seed, e), cut into optimizer steps of `batch_size x num_processes x accumulation` samples (a tail too short for a
+    whole step is left out of the epoch). Within a step, micro-batch j takes the next `batch_size x num_processes`
+    samples and process p the `batch_size` of them at offset p x batch_size; so each sample of an epoch goes to one
+    process once, and one process with batch B x P (or batch B and accumulation P) sees the batches P processes see.
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    `set_epoch(e, start)` begins at sample `start` of the epoch's order (a multiple of the step's samples): a resumed
+    run continues the epoch where it stopped, with any number of processes, without reading what it skips.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int = 0, batch_size: int = 1, num_processes: int = 1, process_index: int = 0,
+                 accumulation: int = 1):
+        self.n, self.seed, self.batch_size, self.num_processes = n, seed, batch_size, num_processes
+        self.process_index, self.accumulation = process_index, accumulation
+        self.epoch, self.start = 0, 0
+
+    @property
+    def step_samples(self) -> int:
+        """Samples per optimizer step, all processes and micro-batches."""
+        return self.batch_size * self.num_processes * self.accumulation
+
+    def steps(self, start: int = 0) -> int:
+        """Whole optimizer steps in an epoch begun at sample `start`."""
+        return (self.n - start) // self.step_samples
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> np.ndarray:
+        """(n,) the epoch's permutation of range(n)."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return iter(int(self.epoch * self.n + i) for i in order)
+        order, b = self.order(), self.batch_size
+        micro = b * self.num_processes
+        for first in range(self.start, self.start + self.steps(self.start) * self.step_samples, micro):
+            for i in order[first + self.process_index * b: first + (self.process_index + 1) * b]:
+                yield int(self.epoch * self.n + i)
 
     def __len__(self) -> int:
-        return self.n
+        return self.steps(self.start) * self.batch_size * self.accumulation
 
 
 # ------------------------------------------------------------------------------------------------------------------
