@@ -300,3 +300,59 @@ def test_ema_writes_the_moving_average_and_resume_restores_it(tiny_weights, vide
     resumed = train(train_cfg(1, tiny_weights, video_dir, tmp_path / "ema", *steps, "ema_decay=0.9"))
     for k, v in weights(resumed).items():
         torch.testing.assert_close(v, e2[k], rtol=0, atol=0)
+
+
+def test_stage3_rollout_is_the_streaming_step_without_its_decode(tiny_weights, video_dir, tmp_path, monkeypatch):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path)
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, *clip_frames(cfg), 32)[0]])
+    w, start = cfg.temporal_window_size, len(net.engine.timesteps) - cfg.temporal_window_size
+    with torch.no_grad():
+        clip, ref_latents = net.reference(batch)
+        faces, canvas = net.conditions(batch, batch["frames"])
+        motion, pose = net.motion_and_pose(faces[:, :, :start], canvas[:, :, :start])
+        latents = torch.randn(1, 4, start, 8, 8, generator=torch.Generator().manual_seed(0))
+        new = net.noisy_reference(ref_latents, w, 999, Randomness.of(0, batch["key"], 0, torch.device("cpu")))
+        args = (latents, new, clip, motion, faces[:, :, start:start + w], pose, canvas[:, :, start:start + w])
+        engine_out = net.engine.step_module(*args)
+        rollout_out = net.rollout_step(*args)
+    assert len(rollout_out) == len(engine_out) - 1  # all but the decoded frames
+    for got, expected in zip(rollout_out, engine_out[1:], strict=True):
+        assert torch.equal(got, expected.float() if got is rollout_out[0] else expected)
+
+    calls = []
+    decode = net.models.vae.decode
+    monkeypatch.setattr(net.models.vae, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    out = net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))
+    assert torch.isfinite(out["loss"]) and calls == []  # no VAE decode anywhere in a stage-3 step
+
+
+def test_stage3_keyframes_follow_the_inference_distance_rule(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path, "data.self_reference=1")  # the clip starts at it
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, *clip_frames(cfg), 32)[0]])
+    rng = Randomness.of(0, batch["key"], 0, torch.device("cpu"))
+    with torch.no_grad():
+        bank = net.reference_motion(batch)  # (1, m * d)
+        faces, _ = net.conditions(batch, batch["frames"])
+        motion = net.models.motion_encoder(faces).flatten(2)[0]  # (L, m * d): every frame of the clip
+    distances = torch.cdist(motion, bank)[:, 0]
+    # the reference's tokens are cut and encoded as the frames' are: the clip's first frame is the reference itself
+    assert bank.shape == (1, motion.shape[1]) and distances[0] < 1e-5 < distances[1:].min()
+
+    def keyframes(*overrides):
+        for override in overrides:
+            key, value = override.split("=")
+            obj = net.cfg.sliding if key.startswith("sliding.") else net.cfg
+            setattr(obj, key.removeprefix("sliding."), type(getattr(obj, key.removeprefix("sliding.")))(value))
+        with torch.no_grad():
+            return int(net(batch, rng)["keyframes"])
+
+    assert keyframes("keyframe_threshold=0") == cfg.max_keyframes == 3  # every leaving frame, up to the cap
+    assert keyframes("keyframe_threshold=0", "max_keyframes=2") == 2
+    net.bank.max_keyframes = 3
+    assert keyframes("max_keyframes=3", f"keyframe_threshold={float(distances.max()) + 1}") == 0  # none is far
+    assert keyframes("sliding.keyframe_rule=random", "sliding.keyframe_prob=1.0") == 1  # the option of before
+    assert keyframes("sliding.keyframe_prob=0.0") == 0
+    with pytest.raises(ConfigError, match="keyframe_rule='always'"):
+        train_cfg(3, tiny_weights, video_dir, tmp_path, "sliding.keyframe_rule=always")
