@@ -294,3 +294,46 @@ def test_prepare_data_with_mediapipe_records_a_faceless_video(tiny_weights, tmp_
     with caplog.at_level(logging.WARNING), pytest.raises(VideoReadError, match="no usable video"):
         scan_videos(train_cfg(1, tiny_weights, data, tmp_path / "out"), 1)
     assert f"skipping {data / 'blank.mp4'}: no face found" in caplog.text
+
+
+@pytest.mark.slow
+def test_ten_thousand_videos_are_indexed_without_decoding_and_a_bad_one_is_skipped(tiny_weights, video_dir, tmp_path,
+                                                                                  monkeypatch, caplog):
+    import os
+
+    from personalive.io.video import VideoReader
+
+    data = tmp_path / "many"
+    for i in range(10_000):  # hard links of one small MP4: 10,000 files at no cost
+        folder = data / f"{i // 1000}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(video_dir / "a.mp4", folder / f"{i:05d}.mp4")
+    bad = data / "5" / "05000.mp4"
+    bad.unlink()
+    bad.write_bytes(b"\x00not a video" * 50)
+
+    def no_decoding(self):
+        raise AssertionError("indexing decoded a frame")
+
+    monkeypatch.setattr(VideoReader, "__iter__", no_decoding)  # frame counts come from the container
+    with caplog.at_level(logging.WARNING):
+        videos = scan_videos(train_cfg(1, tiny_weights, data, tmp_path / "out"), min_frames=1)
+    assert len(videos) == 9_999 and all(v.num_frames == 32 for v in videos)
+    assert f"skipping {bad}" in caplog.text and caplog.text.count("skipping") == 1
+
+
+def test_a_sample_failing_in_any_way_is_replaced_by_name(tiny_weights, video_dir, tmp_path, monkeypatch, caplog):
+    cfg = train_cfg(1, tiny_weights, video_dir, tmp_path / "out")
+    ds = build_dataset(cfg, num_frames=1, contiguous=False, clip_size=32)
+    broken = ds.videos[0].path
+    sample = TalkingHeadDataset._sample
+
+    def fail_on_one(self, video, key):
+        if video.path == broken:
+            raise ValueError("a decoder error of a kind nobody expected")
+        return sample(self, video, key)
+
+    monkeypatch.setattr(TalkingHeadDataset, "_sample", fail_on_one)
+    with caplog.at_level(logging.WARNING):
+        item = ds[0]
+    assert f"skipping {broken}: ValueError: a decoder error" in caplog.text and item["frames"].shape == (1, 3, 64, 64)

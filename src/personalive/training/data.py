@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 MOTION_KEYS = ("pitch", "yaw", "roll", "t", "scale", "kp")  # raw motion-extractor outputs, packed in this order
 CACHE_VERSION = 1
 CACHE_DIRNAME = ".personalive_cache"
+SCAN_THREADS = 8  # files opened at once while indexing a data folder
 
 
 def motion_dim(num_bins: int, num_kp: int) -> int:
@@ -132,9 +134,11 @@ def read_cache(path: Path, video: Path, expect: dict[str, int]) -> dict[str, np.
 
 
 def count_frames(path: Path) -> int:
-    """Decodable frames of a video (decoded and dropped one at a time). Raises VideoReadError."""
+    """Frames of a video: the number its container states (no decoding: an MP4's sample table), else the frames
+    decoded and dropped one at a time. A file that states more frames than it decodes fails later, when a sample
+    needs them: it is then skipped by name (`TalkingHeadDataset`). Raises VideoReadError."""
     with VideoReader(path) as reader:
-        return sum(1 for _ in reader)
+        return reader.stated_frames or sum(1 for _ in reader)
 
 
 def scan_videos(cfg: TrainConfig, min_frames: int) -> list[VideoEntry]:
@@ -147,15 +151,21 @@ def scan_videos(cfg: TrainConfig, min_frames: int) -> list[VideoEntry]:
     cache_dir = default_cache_dir(cfg)
     expect = cache_expectations(cfg)
     entries, cached = [], 0
-    for path in list_videos(data_dir, cfg.data.extensions, cache_dir):
+
+    def probe(path: Path) -> tuple[Path, dict | None, int | str]:  # (path, cache, frames or why it is skipped)
         cache = read_cache(cache_file(path, data_dir, cache_dir), path, expect) if cfg.data.use_cache else None
         if cache is not None and str(cache["error"]):
-            logger.warning("skipping %s: %s (recorded by tools/prepare_data.py)", path, cache["error"])
-            continue
+            return path, cache, f"{cache['error']} (recorded by tools/prepare_data.py)"
         try:
-            n = int(cache["num_frames"]) if cache is not None else count_frames(path)
-        except VideoReadError as e:
-            logger.warning("skipping %s: %s", path, e)
+            return path, cache, int(cache["num_frames"]) if cache is not None else count_frames(path)
+        except Exception as e:  # noqa: BLE001 (any failure of one file skips that file, never the run)
+            return path, cache, str(e) if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:  # opening files waits on the disk: overlap them
+        probed = list(pool.map(probe, list_videos(data_dir, cfg.data.extensions, cache_dir)))
+    for path, cache, n in probed:
+        if isinstance(n, str):
+            logger.warning("skipping %s: %s", path, n)
             continue
         usable = min(n, cfg.data.max_frames) if cfg.data.max_frames else n
         if usable < min_frames:
@@ -263,8 +273,9 @@ class TalkingHeadDataset(Dataset):
                 continue
             try:
                 return self._sample(video, key)
-            except VideoReadError as e:
-                logger.warning("skipping %s: %s", video.path, e)
+            except Exception as e:  # noqa: BLE001 (one bad file is skipped by name, never the run)
+                reason = str(e) if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
+                logger.warning("skipping %s: %s", video.path, reason)
                 self._bad.add(video.path)
         raise VideoReadError(f"no readable video left among {n}; see the warnings above")
 
