@@ -39,7 +39,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, is_tensorboard_available
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    is_tensorboard_available,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
@@ -82,6 +87,10 @@ def train(cfg: TrainConfig) -> Path:
         cpu=cfg.device == "cpu",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # e.g. the reference
     )                                                                                 # UNet's unused last layers
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"accelerate's {accelerator.distributed_type.value} is not supported by train.py yet: weights "
+                          "folders are written by the main process alone from the unwrapped networks, which sharding "
+                          "splits across processes; launch with DDP (configs/accelerate/one_machine_8_gpus.yaml)")
     if cfg.report_to == "tensorboard" and accelerator.log_with == []:
         logger.info("tensorboard is not installed: logging to the console and metrics.jsonl only")
     device, frozen_dtype = accelerator.device, DTYPES[cfg.dtype]
