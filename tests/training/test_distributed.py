@@ -90,7 +90,7 @@ def files(out):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_two_processes_equal_one_at_the_same_global_batch(stage, tiny_weights, video_dir, tmp_path):
-    """2 processes x batch 1 = 1 process x batch 1 x 2 accumulated micro-batches (the motion encoder's BatchNorms
+    """2 processes x batch 1 (2 loader workers each) = 1 process x batch 1 x 2 accumulated micro-batches (the motion encoder's BatchNorms
     normalise over each process's batch, as over each micro-batch). 3 videos x repeats 2 = 6 samples: 3 steps an
     epoch, so 4 steps cross one. AdamW's first steps move a weight by about lr x sign(gradient), so a weight whose
     gradient is at rounding level moves by +-lr on either side of a rounding difference: adam_epsilon=1e-3 makes
@@ -98,7 +98,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(stage, tiny_weights, v
     steps = ["max_train_steps=4", "checkpointing_steps=2", "train_batch_size=1", "optim.adam_epsilon=1e-3"]
     extra = ["sliding.rollout_steps=1"] if stage == 3 else []
     run(command(1, stage, tiny_weights, video_dir, tmp_path / "one", *steps, *extra, "gradient_accumulation_steps=2"))
-    two = run(command(2, stage, tiny_weights, video_dir, tmp_path / "two", *steps, *extra))
+    two = run(command(2, stage, tiny_weights, video_dir, tmp_path / "two", *steps, *extra, "data.num_workers=2"))
     assert "(2 process(es)" in two.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two", 4)
     assert_once_per_epoch(tmp_path / "two", 6)
