@@ -8,7 +8,7 @@ Outputs under `output_dir`:
   `training_state.json`, and a complete weights folder in the official layout (`personalive/*.pth`, the VAE and
   CLIP files, the diffusers/transformers `config.json` folders) with the resolved `config.yaml`, so that
   `weights_dir=<checkpoint>` works for inference and `init_from=<checkpoint>` for the next stage;
-- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, sample keys);
+- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, epoch, sample keys);
   `logs/`: tensorboard events when tensorboard is installed.
 With `ema_decay`, every weights folder holds the moving average of the trained networks; the accelerate state holds
 both the raw weights (which training continues from) and the average.
@@ -17,8 +17,9 @@ Every folder is written under a temporary name and renamed when complete.
 Several processes: `EpochSampler` gives each process its share of every optimizer step (no sample twice in an
 epoch), gradients are averaged by DDP, and a sample's noise comes from a generator seeded with (seed, its key), the
 step's shared draws from one seeded with (seed, step) (`stages.Randomness`): the global batch
-train_batch_size x processes x gradient_accumulation_steps, not how it is split, sets the result, so N processes
-compute what one process with N times the batch (or the accumulation) computes, to float rounding.
+train_batch_size x processes x gradient_accumulation_steps, not how it is split, sets the result: N processes
+compute what one process accumulating N micro-batches computes, to float rounding (and what one process with N times
+the batch computes, but for BatchNorm, which normalises over each process's batch).
 
 Resume: `resume_from_checkpoint=latest` (the default) continues from the newest checkpoint at the same step and at
 the same sample of the same epoch (`training_state.json` records both), with the same or another number of
