@@ -63,7 +63,9 @@ def assert_same_run(expected, got, steps):
     assert [m["step"] for m in b] == list(range(1, steps + 1))
     for x, y in zip(a, b, strict=True):
         assert x["keys"] == y["keys"] and x["epoch"] == y["epoch"], (x, y)  # the same samples, in the same order
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6), (x, y)
+        # step 1 differs by rounding only; later steps start from weights that differ by rounding, which the
+        # stage-3 loss (in the thousands, from the t = 999 chunk) magnifies
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5 if x["step"] == 1 else 1e-3, abs=1e-6), (x, y)
         assert y["lr"] == x["lr"]
     wa, wb = weights(expected / "final"), weights(got / "final")
     for name in wa:
