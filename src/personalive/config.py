@@ -302,7 +302,11 @@ class SlidingConfig:
     """Stage 3 (sliding training): how the streaming window is simulated (see `personalive.training.stages`)."""
 
     rollout_steps: int = 3  # gradient-free window steps before the trained one (>= chunks - 1: all model outputs)
-    keyframe_prob: float = 0.25  # chance per sample that the frame leaving at the last rollout step becomes a keyframe
+    # how frames leaving the window become historical keyframes: "distance", the inference rule (a frame whose motion
+    # tokens are farther than keyframe_threshold from the reference's and every keyframe's, up to max_keyframes), or
+    # "random" (the frame leaving at the last rollout step, with probability keyframe_prob)
+    keyframe_rule: str = "distance"
+    keyframe_prob: float = 0.25  # keyframe_rule=random: the chance per sample
     # how the window's chunks weigh in the clean-latent loss: "uniform", or "propagated", each by the share of its
     # squared error that reaches its next latent (alpha_bar of the next level; the oldest chunk's is the output)
     chunk_weighting: str = "uniform"
@@ -384,5 +388,7 @@ class TrainConfig(PersonaLiveConfig):
             raise ConfigError(f"data.reference_warp={self.data.reference_warp} must be in [0, 0.5)")
         if self.sliding.rollout_steps < 0 or not 0 <= self.sliding.keyframe_prob <= 1:
             raise ConfigError("sliding.rollout_steps must be >= 0 and sliding.keyframe_prob in [0, 1]")
+        if self.sliding.keyframe_rule not in ("distance", "random"):
+            raise ConfigError(f"sliding.keyframe_rule={self.sliding.keyframe_rule!r} must be distance or random")
         if self.sliding.chunk_weighting not in ("uniform", "propagated"):
             raise ConfigError(f"sliding.chunk_weighting={self.sliding.chunk_weighting!r} must be uniform or propagated")

@@ -189,6 +189,43 @@ def test_data_order_is_a_function_of_seed_and_epoch():
     assert sorted(second) == list(range(10, 15)) and [k - 10 for k in second] != first
 
 
+@pytest.mark.parametrize("processes, batch, accumulation", [(2, 1, 1), (3, 2, 1), (2, 2, 3), (4, 1, 2)])
+def test_processes_share_every_step_and_see_each_sample_once_per_epoch(processes, batch, accumulation):
+    one = EpochSampler(29, seed=7, batch_size=batch * processes)  # one process, the same global batch
+    one_acc = EpochSampler(29, seed=7, batch_size=batch, accumulation=processes)  # ... by accumulation
+    shards = [EpochSampler(29, seed=7, batch_size=batch, num_processes=processes, process_index=p,
+                           accumulation=accumulation) for p in range(processes)]
+    for epoch in (0, 3):
+        for s in (one, one_acc, *shards):
+            s.set_epoch(epoch)
+        keys = [list(s) for s in shards]
+        assert all(len(k) == len(s) for k, s in zip(keys, shards, strict=True))
+        seen = [k for shard in keys for k in shard]
+        steps = 29 // (batch * processes * accumulation)
+        assert len(seen) == len(set(seen)) == steps * batch * processes * accumulation  # each sample at most once
+        assert all(epoch * 29 <= k < (epoch + 1) * 29 for k in seen)
+        # micro-batch j of process p = samples [j * b * P + p * b, ... + b) of the order: what one process sees
+        micro = [list(shard[j * batch:(j + 1) * batch]) for j in range(steps * accumulation) for shard in keys]
+        flat = [k for m in micro for k in m]
+        assert flat == list(one)[:len(flat)] == list(one_acc)[:len(flat)]
+
+
+def test_a_resumed_epoch_starts_where_it_stopped_with_any_number_of_processes():
+    whole = EpochSampler(24, seed=1, batch_size=4)
+    whole.set_epoch(2)
+    order = list(whole)
+    for processes in (1, 2, 4):
+        shards = [EpochSampler(24, seed=1, batch_size=4 // processes, num_processes=processes, process_index=p)
+                  for p in range(processes)]
+        for s in shards:
+            s.set_epoch(2, start=8)  # two steps of 4 samples done
+        rest = sorted(k for s in shards for k in s)
+        assert rest == sorted(order[8:])
+    odd = EpochSampler(24, seed=1, batch_size=3)  # a new step size: the tail too short for a step is left out
+    odd.set_epoch(2, start=8)
+    assert list(odd) == order[8:23] and odd.steps(8) == 5
+
+
 def test_bad_videos_are_skipped_with_their_names(tiny_weights, video_dir, tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
@@ -257,3 +294,46 @@ def test_prepare_data_with_mediapipe_records_a_faceless_video(tiny_weights, tmp_
     with caplog.at_level(logging.WARNING), pytest.raises(VideoReadError, match="no usable video"):
         scan_videos(train_cfg(1, tiny_weights, data, tmp_path / "out"), 1)
     assert f"skipping {data / 'blank.mp4'}: no face found" in caplog.text
+
+
+@pytest.mark.slow
+def test_ten_thousand_videos_are_indexed_without_decoding_and_a_bad_one_is_skipped(tiny_weights, video_dir, tmp_path,
+                                                                                  monkeypatch, caplog):
+    import os
+
+    from personalive.io.video import VideoReader
+
+    data = tmp_path / "many"
+    for i in range(10_000):  # hard links of one small MP4: 10,000 files at no cost
+        folder = data / f"{i // 1000}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(video_dir / "a.mp4", folder / f"{i:05d}.mp4")
+    bad = data / "5" / "05000.mp4"
+    bad.unlink()
+    bad.write_bytes(b"\x00not a video" * 50)
+
+    def no_decoding(self):
+        raise AssertionError("indexing decoded a frame")
+
+    monkeypatch.setattr(VideoReader, "__iter__", no_decoding)  # frame counts come from the container
+    with caplog.at_level(logging.WARNING):
+        videos = scan_videos(train_cfg(1, tiny_weights, data, tmp_path / "out"), min_frames=1)
+    assert len(videos) == 9_999 and all(v.num_frames == 32 for v in videos)
+    assert f"skipping {bad}" in caplog.text and caplog.text.count("skipping") == 1
+
+
+def test_a_sample_failing_in_any_way_is_replaced_by_name(tiny_weights, video_dir, tmp_path, monkeypatch, caplog):
+    cfg = train_cfg(1, tiny_weights, video_dir, tmp_path / "out")
+    ds = build_dataset(cfg, num_frames=1, contiguous=False, clip_size=32)
+    broken = ds.videos[0].path
+    sample = TalkingHeadDataset._sample
+
+    def fail_on_one(self, video, key):
+        if video.path == broken:
+            raise ValueError("a decoder error of a kind nobody expected")
+        return sample(self, video, key)
+
+    monkeypatch.setattr(TalkingHeadDataset, "_sample", fail_on_one)
+    with caplog.at_level(logging.WARNING):
+        item = ds[0]
+    assert f"skipping {broken}: ValueError: a decoder error" in caplog.text and item["frames"].shape == (1, 3, 64, 64)

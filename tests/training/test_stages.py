@@ -14,9 +14,15 @@ from personalive.config import TrainConfig, load_config
 from personalive.errors import ConfigError, WeightsNotFoundError
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import build_dataset
-from personalive.training.loop import step_generator, train
+from personalive.training.loop import train
 from personalive.training.losses import LPIPS, propagated_weights, snr_weights
-from personalive.training.stages import build_stage, clip_frames, set_trainable, trainable_modules
+from personalive.training.stages import (
+    Randomness,
+    build_stage,
+    clip_frames,
+    set_trainable,
+    trainable_modules,
+)
 from personalive.weights import init_training_models, load_models
 
 
@@ -35,11 +41,12 @@ def lpips_files(folder):
 @pytest.fixture(scope="module")
 def runs(tiny_weights, video_dir, tmp_path_factory):
     """The three tiny stages for 2 steps each, chained as in the README: stage 2 starts from stage 1's `final`,
-    stage 3 from stage 2's (stage 1 asking for tensorboard, stage 2 with LPIPS, stage 3 always adding a keyframe)."""
+    stage 3 from stage 2's (stage 1 asking for tensorboard, stage 2 with LPIPS, stage 3 with keyframe threshold 0:
+    every frame that leaves the window is a keyframe, up to the cap)."""
     out, previous = {}, None
     for stage in (1, 2, 3):
         folder = tmp_path_factory.mktemp(f"stage{stage}")
-        extra = {1: ["report_to=tensorboard"], 2: lpips_files(folder), 3: ["sliding.keyframe_prob=1.0"]}[stage]
+        extra = {1: ["report_to=tensorboard"], 2: lpips_files(folder), 3: ["keyframe_threshold=0"]}[stage]
         cfg = train_cfg(stage, tiny_weights, video_dir, folder / "run", "max_train_steps=2", "checkpointing_steps=1",
                         "checkpoints_total_limit=1", *extra, init_from=previous)
         previous = train(cfg)
@@ -59,8 +66,8 @@ def test_each_stage_runs_with_finite_losses(run):
     assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
     if stage == 2:
         assert all(m["lpips"] > 0 and 1 <= m["num_steps"] <= 4 for m in metrics)
-    if stage == 3:
-        assert all(m["keyframes"] == 1 for m in metrics)
+    if stage == 3:  # threshold 0: each of the 3 rollout steps adds the frame that leaves, up to max_keyframes=3
+        assert all(m["keyframes"] == 3 for m in metrics)
     checkpoints = sorted(p.name for p in final.parent.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"]  # checkpoints_total_limit=1
     assert not list(final.parent.glob(".*partial"))
@@ -103,7 +110,7 @@ def test_later_stages_start_from_the_previous_output_and_change_only_what_they_t
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_overfitting_one_batch_lowers_the_loss(stage, tiny_weights, video_dir, tmp_path):
-    cfg = train_cfg(stage, tiny_weights, video_dir, tmp_path, "sliding.rollout_steps=1", "sliding.keyframe_prob=0",
+    cfg = train_cfg(stage, tiny_weights, video_dir, tmp_path, "sliding.rollout_steps=1", "keyframe_threshold=1e9",
                     "distill.perceptual_weight=0")
     torch.manual_seed(0)
     models = init_training_models(cfg) if stage == 1 else load_models(cfg)
@@ -115,7 +122,7 @@ def test_overfitting_one_batch_lowers_the_loss(stage, tiny_weights, video_dir, t
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(6):
-        loss = net(batch, step_generator(0, 0, 0, torch.device("cpu")))["loss"]  # same noise every time
+        loss = net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))["loss"]  # same noise every time
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -154,7 +161,7 @@ def test_chunk_weighting_reweighs_stage_3_alone(tiny_weights, video_dir, tmp_pat
     def loss(weighting):
         net.cfg.sliding.chunk_weighting = weighting
         with torch.no_grad():
-            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+            return net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))  # same noise every time
 
     uniform, propagated = loss("uniform"), loss("propagated")
     torch.testing.assert_close(propagated["l2"], uniform["loss"])  # same predictions
@@ -174,7 +181,7 @@ def test_snr_gamma_weighs_each_stage_loss(stage, tiny_weights, video_dir, tmp_pa
     def loss(gamma):
         net.cfg.snr_gamma = gamma
         with torch.no_grad():
-            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+            return net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))  # same noise every time
 
     plain = loss(None)
     if stage == 1:  # noise terms: every weight is 1 while gamma exceeds every SNR, < 1 when below every SNR
@@ -196,7 +203,7 @@ def test_pixel_weight_adds_the_decoded_predictions_l1(tiny_weights, video_dir, t
     def loss(weight):
         net.cfg.distill.pixel_weight = weight
         with torch.no_grad():
-            return net(batch, step_generator(0, 0, 0, torch.device("cpu")))  # same noise every time
+            return net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))  # same noise every time
 
     plain, pixel = loss(0.0), loss(2.0)
     assert "pixel_l1" not in plain and 0 < pixel["pixel_l1"] < 1  # frames in [0, 1] units
@@ -293,3 +300,59 @@ def test_ema_writes_the_moving_average_and_resume_restores_it(tiny_weights, vide
     resumed = train(train_cfg(1, tiny_weights, video_dir, tmp_path / "ema", *steps, "ema_decay=0.9"))
     for k, v in weights(resumed).items():
         torch.testing.assert_close(v, e2[k], rtol=0, atol=0)
+
+
+def test_stage3_rollout_is_the_streaming_step_without_its_decode(tiny_weights, video_dir, tmp_path, monkeypatch):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path)
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, *clip_frames(cfg), 32)[0]])
+    w, start = cfg.temporal_window_size, len(net.engine.timesteps) - cfg.temporal_window_size
+    with torch.no_grad():
+        clip, ref_latents = net.reference(batch)
+        faces, canvas = net.conditions(batch, batch["frames"])
+        motion, pose = net.motion_and_pose(faces[:, :, :start], canvas[:, :, :start])
+        latents = torch.randn(1, 4, start, 8, 8, generator=torch.Generator().manual_seed(0))
+        new = net.noisy_reference(ref_latents, w, 999, Randomness.of(0, batch["key"], 0, torch.device("cpu")))
+        args = (latents, new, clip, motion, faces[:, :, start:start + w], pose, canvas[:, :, start:start + w])
+        engine_out = net.engine.step_module(*args)
+        rollout_out = net.rollout_step(*args)
+    assert len(rollout_out) == len(engine_out) - 1  # all but the decoded frames
+    for got, expected in zip(rollout_out, engine_out[1:], strict=True):
+        assert torch.equal(got, expected.float() if got is rollout_out[0] else expected)
+
+    calls = []
+    decode = net.models.vae.decode
+    monkeypatch.setattr(net.models.vae, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    out = net(batch, Randomness.of(0, batch["key"], 0, torch.device("cpu")))
+    assert torch.isfinite(out["loss"]) and calls == []  # no VAE decode anywhere in a stage-3 step
+
+
+def test_stage3_keyframes_follow_the_inference_distance_rule(tiny_weights, video_dir, tmp_path):
+    cfg = train_cfg(3, tiny_weights, video_dir, tmp_path, "data.self_reference=1")  # the clip starts at it
+    net = build_stage(load_models(cfg), cfg)
+    batch = torch.utils.data.default_collate([build_dataset(cfg, *clip_frames(cfg), 32)[0]])
+    rng = Randomness.of(0, batch["key"], 0, torch.device("cpu"))
+    with torch.no_grad():
+        bank = net.reference_motion(batch)  # (1, m * d)
+        faces, _ = net.conditions(batch, batch["frames"])
+        motion = net.models.motion_encoder(faces).flatten(2)[0]  # (L, m * d): every frame of the clip
+    distances = torch.cdist(motion, bank)[:, 0]
+    # the reference's tokens are cut and encoded as the frames' are: the clip's first frame is the reference itself
+    assert bank.shape == (1, motion.shape[1]) and distances[0] < 1e-5 < distances[1:].min()
+
+    def keyframes(*overrides):
+        for override in overrides:
+            key, value = override.split("=")
+            obj = net.cfg.sliding if key.startswith("sliding.") else net.cfg
+            setattr(obj, key.removeprefix("sliding."), type(getattr(obj, key.removeprefix("sliding.")))(value))
+        with torch.no_grad():
+            return int(net(batch, rng)["keyframes"])
+
+    assert keyframes("keyframe_threshold=0") == cfg.max_keyframes == 3  # every leaving frame, up to the cap
+    assert keyframes("keyframe_threshold=0", "max_keyframes=2") == 2
+    net.bank.max_keyframes = 3
+    assert keyframes("max_keyframes=3", f"keyframe_threshold={float(distances.max()) + 1}") == 0  # none is far
+    assert keyframes("sliding.keyframe_rule=random", "sliding.keyframe_prob=1.0") == 1  # the option of before
+    assert keyframes("sliding.keyframe_prob=0.0") == 0
+    with pytest.raises(ConfigError, match="keyframe_rule='always'"):
+        train_cfg(3, tiny_weights, video_dir, tmp_path, "sliding.keyframe_rule=always")

@@ -61,6 +61,11 @@ class VideoReader:
             self.rate = Fraction(DEFAULT_FPS)
 
     @property
+    def stated_frames(self) -> int:
+        """Frames the container states without decoding (MP4: its sample table); 0 when it states none."""
+        return int(self._stream.frames or 0)
+
+    @property
     def fps(self) -> float:
         """Frames per second (float); `rate` holds the exact fraction, e.g. 30000/1001."""
         return float(self.rate)

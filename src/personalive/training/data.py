@@ -14,8 +14,8 @@ sizes it was made for, and is ignored (with a warning) when either no longer mat
 
 A corrupt, empty, too short or (MediaPipe cache) faceless video is skipped with a warning that names it, when the
 dataset is built or, if it fails later, when a sample is drawn (another video then takes its place). The order of
-samples is a pure function of the seed and the epoch (`EpochSampler`), and a sample a pure function of its key, so
-a resumed run sees exactly the batches an uninterrupted one would.
+samples is a pure function of the seed and the epoch (`EpochSampler`, which also shards them across processes), and a
+sample a pure function of its key, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 MOTION_KEYS = ("pitch", "yaw", "roll", "t", "scale", "kp")  # raw motion-extractor outputs, packed in this order
 CACHE_VERSION = 1
 CACHE_DIRNAME = ".personalive_cache"
+SCAN_THREADS = 8  # files opened at once while indexing a data folder
 
 
 def motion_dim(num_bins: int, num_kp: int) -> int:
@@ -132,9 +134,11 @@ def read_cache(path: Path, video: Path, expect: dict[str, int]) -> dict[str, np.
 
 
 def count_frames(path: Path) -> int:
-    """Decodable frames of a video (decoded and dropped one at a time). Raises VideoReadError."""
+    """Frames of a video: the number its container states (no decoding: an MP4's sample table), else the frames
+    decoded and dropped one at a time. A file that states more frames than it decodes fails later, when a sample
+    needs them: it is then skipped by name (`TalkingHeadDataset`). Raises VideoReadError."""
     with VideoReader(path) as reader:
-        return sum(1 for _ in reader)
+        return reader.stated_frames or sum(1 for _ in reader)
 
 
 def scan_videos(cfg: TrainConfig, min_frames: int) -> list[VideoEntry]:
@@ -147,15 +151,21 @@ def scan_videos(cfg: TrainConfig, min_frames: int) -> list[VideoEntry]:
     cache_dir = default_cache_dir(cfg)
     expect = cache_expectations(cfg)
     entries, cached = [], 0
-    for path in list_videos(data_dir, cfg.data.extensions, cache_dir):
+
+    def probe(path: Path) -> tuple[Path, dict | None, int | str]:  # (path, cache, frames or why it is skipped)
         cache = read_cache(cache_file(path, data_dir, cache_dir), path, expect) if cfg.data.use_cache else None
         if cache is not None and str(cache["error"]):
-            logger.warning("skipping %s: %s (recorded by tools/prepare_data.py)", path, cache["error"])
-            continue
+            return path, cache, f"{cache['error']} (recorded by tools/prepare_data.py)"
         try:
-            n = int(cache["num_frames"]) if cache is not None else count_frames(path)
-        except VideoReadError as e:
-            logger.warning("skipping %s: %s", path, e)
+            return path, cache, int(cache["num_frames"]) if cache is not None else count_frames(path)
+        except Exception as e:  # noqa: BLE001 (any failure of one file skips that file, never the run)
+            return path, cache, str(e) if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:  # opening files waits on the disk: overlap them
+        probed = list(pool.map(probe, list_videos(data_dir, cfg.data.extensions, cache_dir)))
+    for path, cache, n in probed:
+        if isinstance(n, str):
+            logger.warning("skipping %s: %s", path, n)
             continue
         usable = min(n, cfg.data.max_frames) if cfg.data.max_frames else n
         if usable < min_frames:
@@ -263,8 +273,9 @@ class TalkingHeadDataset(Dataset):
                 continue
             try:
                 return self._sample(video, key)
-            except VideoReadError as e:
-                logger.warning("skipping %s: %s", video.path, e)
+            except Exception as e:  # noqa: BLE001 (one bad file is skipped by name, never the run)
+                reason = str(e) if isinstance(e, VideoReadError) else f"{type(e).__name__}: {e}"
+                logger.warning("skipping %s: %s", video.path, reason)
                 self._bad.add(video.path)
         raise VideoReadError(f"no readable video left among {n}; see the warnings above")
 
@@ -340,21 +351,47 @@ def warp_reference(frame: np.ndarray, rng: np.random.Generator, x: float) -> np.
 
 
 class EpochSampler(Sampler[int]):
-    """Sample keys `epoch * n + i`, i in a permutation of range(n) drawn from (seed, epoch): the data order is a
-    pure function of the seed and the epoch, so skipping the first batches of an epoch resumes it exactly."""
+    """The sample keys of one process: epoch e visits `e * n + i` for i in a permutation of range(n) drawn from
+    (seed, e), cut into optimizer steps of `batch_size x num_processes x accumulation` samples (a tail too short for a
+    whole step is left out of the epoch). Within a step, micro-batch j takes the next `batch_size x num_processes`
+    samples and process p the `batch_size` of them at offset p x batch_size; so each sample of an epoch goes to one
+    process once, and one process with batch B x P (or batch B and accumulation P) sees the batches P processes see.
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    `set_epoch(e, start)` begins at sample `start` of the epoch's order (a multiple of the step's samples): a resumed
+    run continues the epoch where it stopped, with any number of processes, without reading what it skips.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int = 0, batch_size: int = 1, num_processes: int = 1, process_index: int = 0,
+                 accumulation: int = 1):
+        self.n, self.seed, self.batch_size, self.num_processes = n, seed, batch_size, num_processes
+        self.process_index, self.accumulation = process_index, accumulation
+        self.epoch, self.start = 0, 0
+
+    @property
+    def step_samples(self) -> int:
+        """Samples per optimizer step, all processes and micro-batches."""
+        return self.batch_size * self.num_processes * self.accumulation
+
+    def steps(self, start: int = 0) -> int:
+        """Whole optimizer steps in an epoch begun at sample `start`."""
+        return (self.n - start) // self.step_samples
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> np.ndarray:
+        """(n,) the epoch's permutation of range(n)."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return iter(int(self.epoch * self.n + i) for i in order)
+        order, b = self.order(), self.batch_size
+        micro = b * self.num_processes
+        for first in range(self.start, self.start + self.steps(self.start) * self.step_samples, micro):
+            for i in order[first + self.process_index * b: first + (self.process_index + 1) * b]:
+                yield int(self.epoch * self.n + i)
 
     def __len__(self) -> int:
-        return self.n
+        return self.steps(self.start) * self.batch_size * self.accumulation
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -8,15 +8,23 @@ Outputs under `output_dir`:
   `training_state.json`, and a complete weights folder in the official layout (`personalive/*.pth`, the VAE and
   CLIP files, the diffusers/transformers `config.json` folders) with the resolved `config.yaml`, so that
   `weights_dir=<checkpoint>` works for inference and `init_from=<checkpoint>` for the next stage;
-- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, sample keys);
+- `final/`: the weights folder of the last step; `metrics.jsonl`: one line per step (loss, lr, epoch, sample keys);
   `logs/`: tensorboard events when tensorboard is installed.
 With `ema_decay`, every weights folder holds the moving average of the trained networks; the accelerate state holds
 both the raw weights (which training continues from) and the average.
 Every folder is written under a temporary name and renamed when complete.
 
-Resume: `resume_from_checkpoint=latest` (the default) continues from the newest checkpoint at the same step. The
-data order is a function of (seed, epoch) and every step's randomness comes from a generator seeded with (seed,
-micro-step, process), so the resumed run sees the same next batch and draws the same noise as an uninterrupted one.
+Several processes: `EpochSampler` gives each process its share of every optimizer step (no sample twice in an
+epoch), gradients are averaged by DDP, and a sample's noise comes from a generator seeded with (seed, its key), the
+step's shared draws from one seeded with (seed, step) (`stages.Randomness`): the global batch
+train_batch_size x processes x gradient_accumulation_steps, not how it is split, sets the result: N processes
+compute what one process accumulating N micro-batches computes, to float rounding (and what one process with N times
+the batch computes, but for BatchNorm, which normalises over each process's batch).
+
+Resume: `resume_from_checkpoint=latest` (the default) continues from the newest checkpoint at the same step and at
+the same sample of the same epoch (`training_state.json` records both), with the same or another number of
+processes; the data order is a function of (seed, epoch), so with the same global batch the resumed run sees the
+same next batches and draws the same noise as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,11 +37,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, is_tensorboard_available
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    is_tensorboard_available,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
@@ -46,7 +58,7 @@ from personalive.io.checkpoints import find_weight_file
 from personalive.models import cast_model
 from personalive.training.data import EpochSampler, build_dataset
 from personalive.training.losses import load_perceptual
-from personalive.training.stages import build_stage, clip_frames, trainable_modules
+from personalive.training.stages import Randomness, build_stage, clip_frames, trainable_modules
 from personalive.weights import (
     OFFICIAL_FILES,
     PersonaLiveModels,
@@ -76,6 +88,10 @@ def train(cfg: TrainConfig) -> Path:
         cpu=cfg.device == "cpu",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # e.g. the reference
     )                                                                                 # UNet's unused last layers
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"accelerate's {accelerator.distributed_type.value} is not supported by train.py yet: weights "
+                          "folders are written by the main process alone from the unwrapped networks, which sharding "
+                          "splits across processes; launch with DDP (configs/accelerate/one_machine_8_gpus.yaml)")
     if cfg.report_to == "tensorboard" and accelerator.log_with == []:
         logger.info("tensorboard is not installed: logging to the console and metrics.jsonl only")
     device, frozen_dtype = accelerator.device, DTYPES[cfg.dtype]
@@ -98,19 +114,25 @@ def train(cfg: TrainConfig) -> Path:
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
                                   weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
-    n = accelerator.num_processes  # the prepared scheduler steps once per process and step
-    lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * n,
-                                 num_training_steps=cfg.max_train_steps * n)
+    # the schedule is a function of the optimizer step alone (not prepared: accelerate's would step once per process)
+    lr_scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
 
     num_frames, contiguous = clip_frames(cfg)
     dataset = build_dataset(cfg, num_frames, contiguous, models.image_encoder.config.image_size)
-    dataloader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
-                            num_workers=cfg.data.num_workers, drop_last=True)
-    stage, optimizer, dataloader, lr_scheduler = accelerator.prepare(stage, optimizer, dataloader, lr_scheduler)
-    if len(dataloader) == 0:
+    accum = cfg.gradient_accumulation_steps
+    sampler = EpochSampler(len(dataset), cfg.seed, cfg.train_batch_size, accelerator.num_processes,
+                           accelerator.process_index, accum)  # this process's share of every step
+    workers = cfg.data.num_workers
+    dataloader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    stage, optimizer = accelerator.prepare(stage, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if sampler.steps() == 0:
         raise ConfigError(f"{len(dataset) // cfg.data.repeats} usable videos x data.repeats={cfg.data.repeats} cannot "
-                          f"fill one batch of train_batch_size={cfg.train_batch_size} x {accelerator.num_processes} "
-                          "process(es); add videos, lower it or raise data.repeats")
+                          f"fill one step of train_batch_size={cfg.train_batch_size} x {accelerator.num_processes} "
+                          f"process(es) x gradient_accumulation_steps={accum}; add videos, lower them or raise "
+                          "data.repeats")
     ema = None
     if cfg.ema_decay is not None:
         ema = EMAModel(params, decay=cfg.ema_decay)
@@ -121,12 +143,13 @@ def train(cfg: TrainConfig) -> Path:
         with averaged(ema, params):
             write_weights(models, cfg, configs, source, out_dir)
 
-    global_step = 0
+    global_step, epoch, position = 0, 0, 0  # position: samples of the epoch's order already trained on
     resume = _resume_checkpoint(cfg, output_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
-        global_step = json.loads((resume / STATE_FILE).read_text())["global_step"]
-        logger.info("resumed from %s at step %d", resume, global_step)
+        global_step, epoch, position = _read_state(resume, sampler)
+        logger.info("resumed from %s at step %d (epoch %d, sample %d of %d)", resume, global_step, epoch, position,
+                    len(dataset))
     metrics = output_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -134,38 +157,38 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(f"personalive_stage{cfg.stage}", config={
             "stage": cfg.stage, "learning_rate": o.learning_rate, "train_batch_size": cfg.train_batch_size,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "max_train_steps": cfg.max_train_steps})
+            "gradient_accumulation_steps": accum, "num_processes": accelerator.num_processes,
+            "max_train_steps": cfg.max_train_steps})
 
-    accum = cfg.gradient_accumulation_steps
-    micro = global_step * accum  # micro-batches consumed so far (per process)
-    epoch, skip = divmod(micro, len(dataloader))
     saved_step = global_step if resume is not None else -1
     logs: dict[str, float] = {}
     keys: list[int] = []
     progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"stage {cfg.stage}", unit="step",
                     disable=not accelerator.is_local_main_process)
     while global_step < cfg.max_train_steps:
-        dataloader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        skip = 0
-        for batch in loader:
-            generator = step_generator(cfg.seed, micro, accelerator.process_index, device)
+        if sampler.steps(position) == 0:  # what is left of the epoch cannot fill a step
+            epoch, position = epoch + 1, 0
+        sampler.set_epoch(epoch, position)
+        for batch in dataloader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            rng = Randomness.of(cfg.seed, batch["key"], global_step, device)
             with accelerator.accumulate(stage):
-                out = stage(batch, generator)
+                out = stage(batch, rng)
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro += 1
             for key, value in out.items():  # mean over processes and micro-batches of this step
                 mean = accelerator.gather(value.detach().float().reshape(1)).mean().item()
                 logs[key] = logs.get(key, 0.0) + mean / accum
             keys += accelerator.gather(batch["key"]).tolist()
             if not accelerator.sync_gradients:
                 continue
+            if not accelerator.optimizer_step_was_skipped:  # fp16: a step skipped on overflow keeps its lr
+                lr_scheduler.step()
             global_step += 1
+            position += sampler.step_samples
             if ema is not None:
                 ema.step(params)
             logs["lr"] = lr_scheduler.get_last_lr()[0]
@@ -174,21 +197,20 @@ def train(cfg: TrainConfig) -> Path:
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 with metrics.open("a") as f:
-                    f.write(json.dumps({"step": global_step, **logs, "keys": keys}) + "\n")
+                    f.write(json.dumps({"step": global_step, "epoch": epoch, **logs, "keys": keys}) + "\n")
             if global_step % cfg.log_every == 0:
                 logger.info("step %d: %s", global_step, " ".join(f"{k}={v:.6g}" for k, v in logs.items()))
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.2e}")
             logs, keys = {}, []
             if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
-                save_checkpoint(accelerator, cfg, write, global_step)
+                save_checkpoint(accelerator, cfg, write, global_step, _state(global_step, epoch, position, sampler))
                 saved_step = global_step
             if global_step >= cfg.max_train_steps:
                 break
-        epoch += 1
     progress.close()
     if saved_step != global_step:
-        save_checkpoint(accelerator, cfg, write, global_step)
+        save_checkpoint(accelerator, cfg, write, global_step, _state(global_step, epoch, position, sampler))
     final = output_dir / "final"
     if accelerator.is_main_process:
         _atomic_dir(final, write)
@@ -197,12 +219,6 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def step_generator(seed: int, micro_step: int, process: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-step of one process: its noise, timesteps and coin flips, identical on resume."""
-    state = int(np.random.SeedSequence([seed, micro_step, process]).generate_state(1, np.uint64)[0]) >> 1
-    return torch.Generator(device).manual_seed(state)
 
 
 def write_weights(models: PersonaLiveModels, cfg: TrainConfig, configs: dict, source: Path, out_dir: Path) -> None:
@@ -239,9 +255,11 @@ def averaged(ema: EMAModel | None, params: list[torch.nn.Parameter]):
         ema.restore(params)
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write: Callable[[Path], None], step: int) -> Path:
-    """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes, renamed into
-    place when complete."""
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write: Callable[[Path], None], step: int,
+                    state: dict | None = None) -> Path:
+    """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes + `state` (the
+    step and the data position) in `training_state.json`, renamed into place when complete. The main process writes
+    all but accelerate's per-process RNG files."""
     output_dir = Path(cfg.output_dir)
     out, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
@@ -250,7 +268,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write: Callable[
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         write(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "stage": cfg.stage}) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "stage": cfg.stage, **(state or {})}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -307,6 +325,30 @@ def _resume_checkpoint(cfg: TrainConfig, output_dir: Path) -> Path | None:
         raise ConfigError(f"resume_from_checkpoint={path} is not a checkpoint folder (no {STATE_FILE}); use latest, "
                           "null or an <output_dir>/checkpoint-<step> folder")
     return path
+
+
+def _state(step: int, epoch: int, position: int, sampler: EpochSampler) -> dict:
+    """What `training_state.json` records besides the step: where the data stands, and the run's shape."""
+    return {"epoch": epoch, "position": position, "samples_per_step": sampler.step_samples,
+            "num_processes": sampler.num_processes, "num_samples": sampler.n}
+
+
+def _read_state(checkpoint: Path, sampler: EpochSampler) -> tuple[int, int, int]:
+    """(step, epoch, position) to resume from. A checkpoint without a position (written before it was recorded)
+    resumes at the position the step gives with this run's step size."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    step = state["global_step"]
+    if "position" not in state or state.get("num_samples") != sampler.n:
+        if "position" in state:
+            logger.warning("the data set changed since %s (%s samples, now %d): its epoch is restarted", checkpoint,
+                           state.get("num_samples"), sampler.n)
+        epoch, steps = divmod(step, sampler.steps())
+        return step, epoch, steps * sampler.step_samples
+    if state["samples_per_step"] != sampler.step_samples:
+        logger.info("%s was written with %d samples per step (%d process(es)); this run takes %d: the epoch goes on "
+                    "from its sample %d with the new step size", checkpoint, state["samples_per_step"],
+                    state["num_processes"], sampler.step_samples, state["position"])
+    return step, state["epoch"], state["position"]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,8 +1,11 @@
 """The three training stages of the paper: what each trains and freezes, and the loss of one batch.
 
 Every stage is an `nn.Module` whose submodules are exactly the networks it trains (what accelerate prepares, wraps
-for DDP and checkpoints); the frozen networks are held aside in inference mode. `forward(batch, generator)`
-returns a dict with `loss` (and logged extras); all randomness comes from `generator`.
+for DDP and checkpoints); the frozen networks are held aside in inference mode. `forward(batch, rng)`
+returns a dict with `loss` (and logged extras); all randomness comes from `rng`, a `Randomness`: one
+generator per sample, seeded by (seed, sample key), and one per optimizer step, seeded by (seed, step) and shared by
+every process and micro-batch of the step. A sample therefore draws the same noise whichever process, batch or
+micro-step it lands in: one process with batch 2 computes what two processes with batch 1 compute.
 
 Conditions are made as the streaming engine makes them: the frozen motion extractor (or the data cache) gives the
 keypoints of every target frame; face boxes come from the target's own keypoints (`keypoints.face_boxes`, or a
@@ -21,21 +24,28 @@ t = 0, whose self-attention inputs fill the `ReferenceBank` read by the denoisin
    clean latent and the target latent, plus LPIPS on the decoded prediction when its weights are present.
 3. `SlidingStage` (sliding training of the temporal module): a clip of (chunks + rollout_steps) micro-chunks. The
    window starts as the first chunks - 1 ground-truth chunks noised to the staggered timesteps [0, 333, 666]; then
-   `rollout_steps` gradient-free steps of the inference `StreamStep` slide it over the clip exactly as streaming
+   `rollout_steps` gradient-free steps of the inference streaming step slide it over the clip exactly as streaming
    does (a new chunk enters as the reference latent noised to t = 999, every chunk advances one DDIM step, the
-   oldest leaves), so that the window holds the model's own outputs; with probability `keyframe_prob` the frame
-   leaving at the last rollout step becomes a historical keyframe (reference UNet on its predicted clean latent,
-   `ReferenceBank.add_keyframe`). The next step runs with gradients: the denoising UNet, temporal modules on, on
+   oldest leaves), so that the window holds the model's own outputs; they skip the VAE decode of the frame that
+   leaves (`rollout_step`: inference shows it, training throws it away). Historical keyframes follow the inference
+   rule (`sliding.keyframe_rule=distance`, the default): a frame leaving the window whose motion tokens are farther
+   than `keyframe_threshold` from the reference's and every keyframe's (`pipelines.keyframes.far_from_bank`)
+   joins the bank (reference UNet on its predicted clean latent, `ReferenceBank.add_keyframe`), up to
+   `max_keyframes`; `keyframe_rule=random` instead makes the frame leaving at the last rollout step a keyframe
+   with probability `keyframe_prob`. The next step runs with gradients: the denoising UNet, temporal modules on, on
    the 16-frame window at the per-frame timesteps of inference, and the loss is L2 between every frame's predicted
    clean latent and its ground-truth latent. Not simulated: the ramp from the reference pose that starts a stream,
-   and the motion-distance keyframe rule (both need tens of steps per sample).
+   and so inference's `keyframe_start_step` (every rollout step tests the frame that leaves; the ramp frames it
+   waits for do not exist here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
@@ -43,6 +53,7 @@ from torch import nn
 from personalive import keypoints as kp
 from personalive.config import TrainConfig
 from personalive.errors import ConfigError
+from personalive.pipelines.keyframes import far_from_bank
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import motion_input, unpack_motion
 from personalive.training.losses import LPIPS, mse, propagated_weights, snr_weights
@@ -57,6 +68,47 @@ STAGE_MODULES: dict[int, tuple[str, ...]] = {
     3: ("temporal_module",),
 }
 VAE_CHUNK = 8  # frames per VAE encoder call
+
+
+def seeded_generator(device: torch.device, *entropy: int) -> torch.Generator:
+    """A torch generator on `device` seeded from the integers `entropy` (numpy's SeedSequence: distinct tuples give
+    independent streams)."""
+    state = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device).manual_seed(state)
+
+
+SAMPLE_STREAM, STEP_STREAM = 1, 2  # SeedSequence tags of the two kinds of generator
+
+
+@dataclass
+class Randomness:
+    """The randomness of one micro-batch: `samples[i]` draws sample i's noise, timesteps and coin flips, `step`
+    what the whole optimizer step shares (stage 2's number of steps)."""
+
+    samples: list[torch.Generator]
+    step: torch.Generator
+
+    @classmethod
+    def of(cls, seed: int, keys: torch.Tensor, step: int, device: torch.device) -> Randomness:
+        """Generators of the samples with these keys ((b,) int64) at optimizer step `step`, on `device`."""
+        return cls([seeded_generator(device, seed, SAMPLE_STREAM, int(k)) for k in keys.tolist()],
+                   seeded_generator(device, seed, STEP_STREAM, step))
+
+    @property
+    def device(self) -> torch.device:
+        return self.step.device
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(b, *shape) standard normal float32, row i from sample i's generator."""
+        return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in self.samples])
+
+    def randint(self, high: int) -> torch.Tensor:
+        """(b,) int64 uniform in [0, high), one per sample."""
+        return torch.cat([torch.randint(0, high, (1,), generator=g, device=g.device) for g in self.samples])
+
+    def rand(self) -> torch.Tensor:
+        """(b,) float32 uniform in [0, 1), one per sample."""
+        return torch.cat([torch.rand((1,), generator=g, device=g.device) for g in self.samples])
 
 
 def trainable_modules(cfg: TrainConfig) -> tuple[str, ...]:
@@ -192,11 +244,11 @@ class TrainingStage(nn.Module):
             pose = m.pose_guider(canvas)
         return motion, pose
 
-    def noisy_reference(self, latents: torch.Tensor, frames: int, t: int, generator: torch.Generator) -> torch.Tensor:
+    def noisy_reference(self, latents: torch.Tensor, frames: int, t: int, rng: Randomness) -> torch.Tensor:
         """`frames` copies of the reference latents (b, 4, h, w) noised to timestep t -> (b, 4, frames, h, w), as a
         streaming chunk enters the window."""
         b, c, h, w = latents.shape
-        noise = randn((b, c, frames, h, w), generator)
+        noise = rng.randn((c, frames, h, w))
         copies = latents.unsqueeze(2).expand(-1, -1, frames, -1, -1)
         return self.scheduler.add_noise(copies, noise, torch.full((1,), int(t), device=latents.device)).float()
 
@@ -211,22 +263,17 @@ class TrainingStage(nn.Module):
             return self.models.denoising_unet(latents, t, clip, motion, pose, temporal=self.temporal)
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device)
-
-
 class HybridMotionStage(TrainingStage):
     """Stage 1: image-level hybrid motion training, epsilon loss at a uniform timestep."""
 
-    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]  # (b, f, 3, H, W)
-        b, f = frames.shape[:2]
+        f = frames.shape[1]
         clip, _ = self.reference(batch)
         motion, pose = self.motion_and_pose(*self.conditions(batch, frames))
         latents = self.encode(frames)  # (b, 4, f, h, w)
-        noise = randn(tuple(latents.shape), generator)
-        steps = self.scheduler.ddim.config.num_train_timesteps
-        t = torch.randint(0, steps, (b,), generator=generator, device=generator.device).repeat_interleave(f)
+        noise = rng.randn(tuple(latents.shape[1:]))
+        t = rng.randint(self.scheduler.ddim.config.num_train_timesteps).repeat_interleave(f)
         noisy = self.scheduler.add_noise(latents, noise, t)  # t in "(b f)" order
         eps = self.unet(noisy, t, clip, motion, pose)
         weight = self.snr_weights(t, "noise")
@@ -236,15 +283,16 @@ class HybridMotionStage(TrainingStage):
 class DistillationStage(TrainingStage):
     """Stage 2: fewer-step appearance distillation on the inference schedule, loss on the clean prediction."""
 
-    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]
         b, f = frames.shape[:2]
         clip, ref_latents = self.reference(batch)
         motion, pose = self.motion_and_pose(*self.conditions(batch, frames))
         target = self.encode(frames)
         timesteps = self.cfg.timesteps  # [999, 666, 333, 0]
-        k = int(torch.randint(1, len(timesteps) + 1, (1,), generator=generator, device=generator.device))
-        x = self.noisy_reference(ref_latents, f, timesteps[0], generator)
+        # one number of steps per optimizer step, the same in every process and micro-batch
+        k = int(torch.randint(1, len(timesteps) + 1, (1,), generator=rng.step, device=rng.device))
+        x = self.noisy_reference(ref_latents, f, timesteps[0], rng)
         for i, step in enumerate(timesteps[:k]):
             t = torch.full((b * f,), step, device=x.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and i == k - 1):  # only the last sampled step
@@ -270,35 +318,68 @@ class DistillationStage(TrainingStage):
 class SlidingStage(TrainingStage):
     """Stage 3: the streaming window simulated over a clip; loss on the window step that carries gradients."""
 
-    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def rollout_step(self, latents: torch.Tensor, new_latents: torch.Tensor, clip: torch.Tensor,
+                     motion: torch.Tensor, faces: torch.Tensor, pose: torch.Tensor, canvas: torch.Tensor
+                     ) -> tuple[torch.Tensor, ...]:
+        """The inference streaming step (`StreamStep.forward`, same arguments and shapes) without its VAE decode of
+        the leaving chunk, which inference shows and training would throw away. Returns latents (1, 4, F - w, h, w),
+        motion (1, F - w, m, d) and pose (1, c0, F - w, h, w) of the chunks that stay, motion_first (1, m, d) and
+        x0_first (1, 4, h, w) of the frame that left."""
+        step = self.engine.step_module
+        w, timesteps = step.window, step.timesteps
+        latents = torch.cat([latents, new_latents.to(latents.dtype)], dim=2)
+        motion = torch.cat([motion, self.models.motion_encoder(faces).to(motion.dtype)], dim=1)
+        pose = torch.cat([pose, self.models.pose_guider(canvas).to(pose.dtype)], dim=2)
+        eps = self.models.denoising_unet(latents, timesteps, clip, motion, pose)
+        stepped, x0 = self.scheduler.step(eps, timesteps, latents)
+        return stepped[:, :, w:].to(latents.dtype).float(), motion[:, w:], pose[:, :, w:], motion[:, 0], x0[:, :, 0]
+
+    def reference_motion(self, batch: dict) -> torch.Tensor:
+        """(1, m * d) float32: the motion tokens of the reference, as the engine makes them (face crop cut with the
+        box of the reference's own keypoints): the first row of the keyframe rule's bank."""
+        m, me = self.models, self.models.motion_extractor.config
+        ref_image = batch["ref_image"]  # (1, 3, H_ref, W_ref) in [-1, 1]
+        if bool(batch["cached"].all()):
+            ref = unpack_motion(batch["ref_motion"], me.num_bins, me.num_kp)
+        else:
+            ref = m.motion_extractor(batch["ref_pose"].to(m.motion_extractor.dtype))
+        box = kp.face_boxes(kp.transform_keypoints(ref), *ref_image.shape[-2:])
+        face = kp.crop_faces(ref_image.to(m.motion_encoder.dtype), box, m.motion_encoder.config.image_size)
+        return m.motion_encoder(rearrange(face, "f c h w -> 1 c f h w"))[:, 0].flatten(1).float()
+
+    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]  # (1, L, 3, H, W)
         length = clip_frames(self.cfg)[0]
         if frames.shape[:2] != (1, length):
             raise ValueError(f"expected (1, {length}, 3, H, W) clips, got {tuple(frames.shape)}")
-        w, rollout = self.cfg.temporal_window_size, self.cfg.sliding.rollout_steps
+        w, rollout, sliding = self.cfg.temporal_window_size, self.cfg.sliding.rollout_steps, self.cfg.sliding
         timesteps = self.engine.timesteps  # (F,): [0]*w + [333]*w + [666]*w + [999]*w
         start = len(timesteps) - w  # frames already in the window before a step (12)
         clip, ref_latents = self.reference(batch)
         faces, canvas = self.conditions(batch, frames)
         target = self.encode(frames)  # (1, 4, L, h, w)
-        keyframe = rollout > 0 and float(torch.rand((), generator=generator, device=generator.device)) < \
-            self.cfg.sliding.keyframe_prob
+        coin = sliding.keyframe_rule == "random" and rollout > 0 and float(rng.rand()[0]) < sliding.keyframe_prob
         with torch.no_grad():
-            latents = self.scheduler.add_noise(target[:, :, :start], randn(tuple(target[:, :, :start].shape),
-                                                                          generator), timesteps[:start]).float()
+            noise = rng.randn(tuple(target[0, :, :start].shape))
+            latents = self.scheduler.add_noise(target[:, :, :start], noise, timesteps[:start]).float()
             motion, pose = self.motion_and_pose(faces[:, :, :start], canvas[:, :, :start])
+            bank = self.reference_motion(batch) if sliding.keyframe_rule == "distance" and rollout > 0 else None
             for k in range(rollout):
                 new = slice(start + k * w, start + (k + 1) * w)
-                out = self.engine.step_module(latents, self.noisy_reference(ref_latents, w, timesteps[-1], generator),
-                                              clip, motion, faces[:, :, new], pose, canvas[:, :, new])
-                _, latents, motion, pose, _, x0_first = out
-                latents = latents.float()
-                if keyframe and k == rollout - 1:  # the frame that just left becomes a historical keyframe
+                latents, motion, pose, motion_first, x0_first = self.rollout_step(
+                    latents, self.noisy_reference(ref_latents, w, timesteps[-1], rng), clip, motion,
+                    faces[:, :, new], pose, canvas[:, :, new])
+                if self.bank.num_keyframes >= self.cfg.max_keyframes:
+                    continue
+                if far_from_bank(motion_first[0], bank, self.cfg.keyframe_threshold) if bank is not None else \
+                        coin and k == rollout - 1:  # the frame that just left becomes a historical keyframe
                     self.reference_pass(x0_first, clip)
                     self.bank.add_keyframe()
+                    if bank is not None:
+                        bank = torch.cat([bank, motion_first.flatten(1).float()])
         new = slice(start + rollout * w, start + (rollout + 1) * w)
         new_motion, new_pose = self.motion_and_pose(faces[:, :, new], canvas[:, :, new])
-        window = torch.cat([latents, self.noisy_reference(ref_latents, w, timesteps[-1], generator)], dim=2)
+        window = torch.cat([latents, self.noisy_reference(ref_latents, w, timesteps[-1], rng)], dim=2)
         motion = torch.cat([motion, new_motion.to(motion.dtype)], dim=1)
         pose = torch.cat([pose, new_pose.to(pose.dtype)], dim=2)
         eps = self.unet(window, timesteps, clip, motion, pose)
