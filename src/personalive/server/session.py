@@ -278,6 +278,7 @@ class OutputFrame:
     index: int  # frames shown since the stream (re)started
     jpeg: str  # base64 JPEG
     stamp: Stamp | None  # of its driving frame; None for ramp frames
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, for the outputs beyond the page (outputs.py)
 
 
 def as_rgb_frame(frame: Any) -> np.ndarray:
@@ -545,9 +546,9 @@ class Session:
                 return  # a restart happened while this step ran
             self.step_time = step_time if self.step_time is None else 0.8 * self.step_time + 0.2 * step_time
             items = []
-            for jpeg, stamp in zip(encoded, stamps, strict=True):
+            for frame, jpeg, stamp in zip(frames, encoded, stamps, strict=True):
                 self._shown += 1
-                items.append(OutputFrame(self._shown, jpeg, stamp))
+                items.append(OutputFrame(self._shown, jpeg, stamp, frame))
             self.pacer.push(items, now)
 
     def fail(self, epoch: int, message: str) -> None:
