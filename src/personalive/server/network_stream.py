@@ -236,10 +236,7 @@ class NetworkStream:
 
     def __init__(self, url: str, width: int, height: int, fps: float, max_frames: int = 8, retry: float = 1.0,
                  max_retry: float = 10.0, keepalive: float = 1.0, io_timeout: float = 5.0):
-        self.scheme = check_url(url)
-        if width % 2 or height % 2:
-            raise ConfigError(f"--stream-out needs an even frame size for H.264, got {width}x{height}; set even "
-                              f"height= and width=")
+        self.scheme = self.check(url, width, height)
         self.url, self.width, self.height, self.fps = url, width, height, fps
         self.retry, self.max_retry, self.keepalive, self.io_timeout = retry, max_retry, keepalive, io_timeout
         self.max_frames = max_frames
@@ -251,6 +248,15 @@ class NetworkStream:
         self._thread = threading.Thread(target=self._run, name="stream-out", daemon=True)
         self._thread.start()
         logger.info("stream out to %s: H.264 %dx%d, keyframe every second", url, width, height)
+
+    @staticmethod
+    def check(url: str, width: int, height: int) -> str:
+        """Fail at start-up, before anything opens: a bad URL (see `check_url`) or an odd frame size; the scheme."""
+        scheme = check_url(url)
+        if width % 2 or height % 2:
+            raise ConfigError(f"--stream-out needs an even frame size for H.264, got {width}x{height}; set even "
+                              f"height= and width=")
+        return scheme
 
     def put(self, frame: np.ndarray, now: float) -> None:
         """Queue a frame (H, W, 3) uint8 shown at `now`; a full queue drops its oldest frame (counted)."""

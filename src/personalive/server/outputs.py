@@ -1,12 +1,12 @@
 """Where the animation goes besides the page: the output hub.
 
 The page's player hands every paced animated frame to `OutputHub.offer`; the hub passes one stream's frames on to
-the outputs (`VirtualCamera`, `NetworkStream`: anything with `put`, `describe` and `close`) and keeps the newest
-frame for the output-only view (`output_view.py`, for an OBS Browser Source).
+the virtual camera (`virtual_camera.py`) and the network stream (`network_stream.py`), when they are on, and keeps
+the newest frame for the output-only view (`output_view.py`, for an OBS Browser Source), which is always on.
 
 One stream is on the outputs at a time: the first session whose frames reach the hub holds them until it sends none
 for `handover` seconds (its tab closed, Stop), then the next streaming session takes over. An output never blocks
-the caller: each has its own thread and a bounded queue (newest frames win, drops counted).
+the caller: each has its own thread and keeps at most a few frames (newest frames win, drops counted).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import base64
 import io
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -45,12 +44,13 @@ class OutputHub:
     """Carries one stream's animated frames to the outputs and to the output view. Thread-safe.
 
     Args:
-        sinks: the outputs that get every frame; handover: seconds without frames from the session on the outputs
-            after which another session's frames take over.
+        camera: the virtual camera (`--virtual-camera`), or None; stream: the network stream (`--stream-out`), or
+            None; handover: seconds without frames from the session on the outputs after which another takes over.
     """
 
-    def __init__(self, sinks: Sequence[OutputSink] = (), handover: float = 2.0):
-        self.sinks = list(sinks)
+    def __init__(self, camera: OutputSink | None = None, stream: OutputSink | None = None, handover: float = 2.0):
+        self.camera, self.stream = camera, stream
+        self.sinks = [sink for sink in (camera, stream) if sink is not None]
         self.handover = handover
         self._lock = threading.Lock()
         self._owner: str | None = None  # the session on the outputs
@@ -79,10 +79,12 @@ class OutputHub:
         with self._lock:
             return self.frames, self._jpeg
 
-    def carries(self, key: str, now: float) -> bool:
-        """Whether session `key` is on the outputs now."""
+    def carries(self, key: str, now: float) -> bool | None:
+        """True when session `key` is on the outputs now, False when another session is, None when none is."""
         with self._lock:
-            return self._owner == key and self._last is not None and now - self._last < self.handover
+            if self._last is None or now - self._last >= self.handover:
+                return None
+            return self._owner == key
 
     def viewer(self, opened: bool) -> None:
         """An output view opened (True) or closed (False)."""
@@ -90,11 +92,44 @@ class OutputHub:
             self.viewers += 1 if opened else -1
 
     def describe(self) -> list[str]:
-        """One markdown line per output: the output view, then each sink's own line."""
+        """One markdown line per output: the output view, the virtual camera, the network stream."""
         watching = f", {self.viewers} watching" if self.viewers else ""
-        view = f"output view [{VIEW_PATH}]({VIEW_PATH}) (animation only, for an OBS Browser Source{watching})"
-        return [view] + [sink.describe() for sink in self.sinks]
+        return [f"output view [{VIEW_PATH}]({VIEW_PATH}) (the animation alone, for an OBS Browser Source{watching})",
+                self.camera.describe() if self.camera else "virtual camera off (`--virtual-camera`)",
+                self.stream.describe() if self.stream else "network stream off (`--stream-out URL`)"]
+
+    def summary(self, address: str) -> str:
+        """The outputs in one plain line for the start-up log; `address` is the page's (http://host:port)."""
+        text = " ; ".join(self.describe()).replace(f"[{VIEW_PATH}]({VIEW_PATH})", address + VIEW_PATH)
+        return text.replace("**", "").replace("`", "")
+
+    def status(self, key: str, now: float) -> str:
+        """The page's outputs line for session `key` (markdown)."""
+        whose = {True: "carry this tab's animation", False: "carry another tab's animation",
+                 None: "wait for an animation"}[self.carries(key, now)]
+        return f"**Outputs** {whose}: " + " · ".join(self.describe())
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+def open_outputs(width: int, height: int, fps: float, camera: str | None = None,
+                 stream_url: str | None = None) -> OutputHub:
+    """The outputs asked for on the command line, opened before the models load (so a missing camera fails first).
+
+    Args:
+        width, height: frame size; fps: the virtual camera's rate and the stream's nominal rate;
+        camera: None (off), "" (the backend's default device) or a device name (`--virtual-camera [NAME]`);
+        stream_url: None (off) or the `--stream-out` URL.
+    Raises:
+        ConfigError, BackendUnavailableError: a bad URL, no virtual camera device, a missing package (one line).
+    """
+    from personalive.server.network_stream import NetworkStream
+    from personalive.server.virtual_camera import VirtualCamera
+
+    if stream_url is not None:
+        NetworkStream.check(stream_url, width, height)  # before the camera opens: fail without side effects
+    sink_camera = None if camera is None else VirtualCamera(width, height, fps, device=camera or None)
+    sink_stream = None if stream_url is None else NetworkStream(stream_url, width, height, fps)
+    return OutputHub(sink_camera, sink_stream)

@@ -21,7 +21,7 @@ from personalive.errors import BackendUnavailableError
 logger = logging.getLogger(__name__)
 
 INSTALL = "pip install -r requirements-online.txt"
-LINUX_SETUP = ("sudo apt-get install v4l2loopback-dkms && "
+LINUX_SETUP = ("install and load v4l2loopback: sudo apt-get install v4l2loopback-dkms && "
                "sudo modprobe v4l2loopback devices=1 exclusive_caps=1 card_label=PersonaLive")
 OBS_SETUP = "install OBS Studio 30 or newer, then start and stop its virtual camera once (Start Virtual Camera)"
 
