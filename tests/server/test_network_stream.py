@@ -177,6 +177,21 @@ def test_a_receiver_that_never_answers_does_not_block_put_and_is_given_up():
             stream.close()
 
 
+def test_rtsp_to_a_listening_receiver():
+    url = f"rtsp://127.0.0.1:{free_port()}/live"
+    receiver = Receiver(url, "rtsp", {"rtsp_flags": "listen", "listen_timeout": "30"})  # as an RTSP server would
+    time.sleep(0.3)
+    stream = NetworkStream(url, W, H, fps=30, retry=0.2)
+    feeder = Feeder(stream)
+    try:
+        assert wait_until(lambda: len(receiver.frames) >= 20)
+        assert {(w, h) for w, h, _ in receiver.frames} == {(W, H)} and stream.state == "sending"
+    finally:
+        feeder.stop()
+        stream.close()
+        receiver.stop()
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="srt:// needs Debian's ffmpeg: apt-get install ffmpeg")
 def test_srt_through_ffmpeg(tmp_path):
     port = free_port(socket.SOCK_DGRAM)

@@ -6,7 +6,15 @@ it goes away while the page keeps streaming."""
 import time
 
 import pytest
-from test_browser import CHROMIUM, browser, frame_index, open_page, start_webcam, wait_frames, wait_status  # noqa: F401
+from test_browser import (
+    CHROMIUM,
+    browser,  # noqa: F401  (the fixture: headless chromium with a fake webcam)
+    frame_index,
+    open_page,
+    start_webcam,
+    wait_frames,
+    wait_status,
+)
 from test_network_stream import free_port, rtmp_receiver, wait_until
 
 pytestmark = [

@@ -32,10 +32,10 @@ def test_a_slow_engine_gets_evenly_spaced_frames_and_always_the_newest(step_time
     period = 1 / CAMERA_FPS
     steps = run_slow_engine(step_time, capacity=16)  # up to 15 camera frames per step: nothing is thinned
     assert len(steps) > 10
-    for (previous, _), (chosen, newest) in zip(steps, steps[1:]):
+    for (previous, _), (chosen, newest) in zip(steps, steps[1:], strict=False):
         assert chosen[-1] == newest  # latency does not grow
         ideal = targets(chosen, WINDOW, previous[-1])  # the interval since the previous step, in four parts
-        assert all(abs(c - t) <= period / 2 + 1e-9 for c, t in zip(chosen, ideal)), (previous, chosen)
+        assert all(abs(c - t) <= period / 2 + 1e-9 for c, t in zip(chosen, ideal, strict=True)), (previous, chosen)
         gaps = np.diff([previous[-1], *chosen])
         assert gaps.max() - gaps.min() <= period + 1e-9, gaps  # evenly spaced within one camera frame
 
@@ -49,11 +49,12 @@ def test_the_newest_four_frames_are_not_what_a_slow_engine_gets():
 def test_a_very_slow_engine_still_gets_frames_spread_over_its_interval():
     step_time, capacity = 3.0, 16  # 90 camera frames per step into a buffer of 16
     steps = run_slow_engine(step_time, capacity, seconds=40)
-    for (previous, _), (chosen, newest) in zip(steps, steps[1:]):
+    for (previous, _), (chosen, newest) in zip(steps, steps[1:], strict=False):
         assert chosen[-1] == newest
         ideal = targets(chosen, WINDOW, previous[-1])
         # the buffer keeps an even sample with gaps of at most about 2 T / capacity; a pick is within half a gap
-        assert all(abs(c - t) <= step_time / capacity + 1e-9 for c, t in zip(chosen, ideal)), (previous, chosen)
+        errors = [abs(c - t) for c, t in zip(chosen, ideal, strict=True)]
+        assert max(errors) <= step_time / capacity + 1e-9, (previous, chosen)
 
 
 def test_pick_evenly_edges():

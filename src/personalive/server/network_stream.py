@@ -26,9 +26,8 @@ import tempfile
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from fractions import Fraction
-from typing import Any
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import av
@@ -68,7 +67,8 @@ def check_url(url: str) -> str:
 
 
 class _Connection:
-    """One attempt at the receiver (in the child process): a container with an H.264 stream, frame times from its own start."""
+    """One attempt at the receiver (in the child process): a container with an H.264 stream, frame times counted
+    from its own start."""
 
     def __init__(self, url: str, scheme: str, width: int, height: int, fps: float):
         self._relay: subprocess.Popen | None = None

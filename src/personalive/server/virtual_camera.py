@@ -46,7 +46,8 @@ def open_camera(width: int, height: int, fps: float, device: str | None = None,
         reason = " ".join(str(e).split())
         setup = LINUX_SETUP if sys.platform.startswith("linux") else OBS_SETUP
         name = f" {device}" if device else ""
-        raise BackendUnavailableError(f"--virtual-camera{name}: cannot open a virtual camera ({reason}); {setup}") from e
+        raise BackendUnavailableError(
+            f"--virtual-camera{name}: cannot open a virtual camera ({reason}); {setup}") from e
 
 
 class VirtualCamera:
