@@ -28,6 +28,7 @@ import time
 from collections import deque
 from fractions import Fraction
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import av
@@ -64,6 +65,26 @@ def check_url(url: str) -> str:
         raise BackendUnavailableError("--stream-out needs PyAV with libx264 (the PyPI wheels have it): "
                                       "pip install -r requirements.txt")
     return scheme
+
+
+def _end(proc: subprocess.Popen, timeout: float = 2.0) -> None:
+    """Close a child's stdin (its end of input) and wait for it to exit; kill it after `timeout` s."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass  # it is gone already
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _last_line(log: IO[bytes]) -> str | None:
+    """The last line a child wrote to its log file (its stderr), if any."""
+    log.seek(0)
+    lines = log.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else None
 
 
 class _Connection:
@@ -108,9 +129,7 @@ class _Connection:
             self.container.mux(packet)
 
     def _relay_error(self) -> str:
-        self._log.seek(0)
-        lines = self._log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"code {self._relay.returncode}"
+        return _last_line(self._log) or f"code {self._relay.returncode}"
 
     def close(self) -> None:
         for finish in (self._flush, self.container.close):
@@ -119,15 +138,7 @@ class _Connection:
             except (av.FFmpegError, OSError, ValueError):
                 pass  # the receiver is gone: nothing left to send to
         if self._relay is not None:
-            try:
-                self._relay.stdin.close()
-            except OSError:
-                pass
-            try:
-                self._relay.wait(2.0)
-            except subprocess.TimeoutExpired:
-                self._relay.kill()
-                self._relay.wait()
+            _end(self._relay)
             self._log.close()
 
 
@@ -201,21 +212,11 @@ class _Sender:
             return "the sender process does not answer"
         if self.killed:
             return "the receiver stopped taking frames"
-        self._log.seek(0)
-        lines = self._log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"the sender process exited with code {self.proc.returncode}"
+        return _last_line(self._log) or f"the sender process exited with code {self.proc.returncode}"
 
     def close(self) -> None:
         """End of frames: the child flushes and hangs up (killed if it does not within 2 s)."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end(self.proc)
         self._reader.join(2.0)
         self.proc.stdout.close()
         self._log.close()
