@@ -70,7 +70,8 @@ class Receiver:
 
 
 def rtmp_receiver(port: int) -> Receiver:
-    return Receiver(f"rtmp://127.0.0.1:{port}/live/test", "flv", {"listen": "1", "timeout": "30"})
+    options = {"listen": "1", "timeout": "30", "analyzeduration": "200000"}  # s to wait for the sender; us to probe
+    return Receiver(f"rtmp://127.0.0.1:{port}/live/test", "flv", options)
 
 
 def udp_receiver(port: int) -> Receiver:

@@ -45,6 +45,7 @@ X264 = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0", "forced-idr": "
 FRAME_HEADER = struct.Struct("<d")  # parent -> child: the frame's time (s), then its H*W*3 RGB bytes
 ACK = b"."  # child -> parent: one per frame sent
 ACK_POLL = 0.1  # s between looks at the child's acknowledgements while no frame comes
+WATCH_POLL = 0.25  # s between the watchdog's looks at a frame going in
 
 
 def check_url(url: str) -> str:
@@ -169,7 +170,7 @@ def _child(url: str, width: int, height: int, fps: float) -> int:
 class _Sender:
     """The parent's handle on one child process (one connection attempt)."""
 
-    def __init__(self, url: str, width: int, height: int, fps: float):
+    def __init__(self, url: str, width: int, height: int, fps: float, timeout: float):
         self._log = tempfile.TemporaryFile()  # the child's stderr: a file, so the child never blocks on it
         src = str(Path(__file__).resolve().parents[2])  # the child imports this package from where we did
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
@@ -177,32 +178,40 @@ class _Sender:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self.acked = self.counted = 0  # frames the child sent; of those, the ones the parent has counted
         self.kinds: deque[bool] = deque()  # per frame handed over and not yet counted: real (True) or a keep-alive
+        self.timeout = timeout
         self.killed = False  # by the watchdog: the receiver stopped taking frames
+        self._writing_since: float | None = None  # when the frame being handed over started to go in
+        self._done = threading.Event()
         self._reader = threading.Thread(target=self._read_acks, name="stream-out-acks", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="stream-out-watchdog", daemon=True)
         self._reader.start()
+        self._watchdog.start()
 
     def _read_acks(self) -> None:
         while chunk := self.proc.stdout.read1(4096):
             self.acked += chunk.count(ACK)
 
-    def send(self, frame: np.ndarray, now: float, timeout: float) -> None:
+    def _watch(self) -> None:
+        """Kill the child when a frame has taken more than `timeout` s to go in: it stopped taking frames."""
+        while not self._done.wait(WATCH_POLL) and self.proc.poll() is None:
+            since = self._writing_since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self.killed = True
+                self.proc.kill()
+
+    def send(self, frame: np.ndarray, now: float) -> None:
         """Hand a frame to the child; ConnectionError when the child is gone or takes nothing for `timeout` s."""
         if self.proc.poll() is not None:
             raise ConnectionError(self.reason())
-        watchdog = threading.Timer(timeout, self._kill)
-        watchdog.start()
+        self._writing_since = time.monotonic()
         try:
             self.proc.stdin.write(FRAME_HEADER.pack(now))
             self.proc.stdin.write(np.ascontiguousarray(frame).data)
             self.proc.stdin.flush()
-        except OSError as e:  # a broken pipe: the child exited
+        except OSError as e:  # a broken pipe: the child exited (or the watchdog ended it)
             raise ConnectionError(self.reason()) from e
         finally:
-            watchdog.cancel()
-
-    def _kill(self) -> None:
-        self.killed = True
-        self.proc.kill()
+            self._writing_since = None
 
     def reason(self) -> str:
         """Why the child stopped, in one line."""
@@ -216,7 +225,9 @@ class _Sender:
 
     def close(self) -> None:
         """End of frames: the child flushes and hangs up (killed if it does not within 2 s)."""
+        self._done.set()
         _end(self.proc)
+        self._watchdog.join(2.0)
         self._reader.join(2.0)
         self.proc.stdout.close()
         self._log.close()
@@ -276,7 +287,7 @@ class NetworkStream:
     def _run(self) -> None:
         delay = self.retry
         while not self._closed:
-            sender = _Sender(self.url, self.width, self.height, self.fps)
+            sender = _Sender(self.url, self.width, self.height, self.fps, self.io_timeout)
             try:
                 self._serve(sender)
             except ConnectionError as e:  # no receiver, or it went away
@@ -305,7 +316,7 @@ class NetworkStream:
             elif item is not None:
                 sender.kinds.append(True)
             if item is not None:
-                sender.send(*item, self.io_timeout)
+                sender.send(*item)
                 last, last_time = item[0], time.monotonic()
             elif sender.proc.poll() is not None:
                 raise ConnectionError(sender.reason())
