@@ -26,22 +26,25 @@ def frame(value: int = 0, h: int = 8, w: int = 8) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- FrameBuffer
-def test_buffer_keeps_the_newest_frames_and_counts_drops():
-    buffer = FrameBuffer(4)
-    drops = [buffer.push(frame(i), stamp=float(i)) for i in range(10)]
-    assert drops == [False] * 4 + [True] * 6
-    assert len(buffer) == 4 and buffer.dropped == 6 and buffer.pushed == 10
-    chunk = buffer.take(4, timeout=0)
-    assert chunk.stamps == [6.0, 7.0, 8.0, 9.0]  # oldest first, the newest four
-    assert chunk.frames.shape == (4, 8, 8, 3) and chunk.frames[:, 0, 0, 0].tolist() == [6, 7, 8, 9]
-    assert len(buffer) == 0
+def test_buffer_takes_frames_evenly_spaced_up_to_the_newest_and_counts_drops():
+    buffer = FrameBuffer(16)
+    drops = [buffer.push(frame(i), stamp=float(i), now=float(i)) for i in range(10)]
+    assert drops == [False] * 10 and len(buffer) == 10
+    chunk = buffer.take(4, timeout=0)  # the first step: from the oldest to the newest frame
+    assert chunk.stamps == [0.0, 3.0, 6.0, 9.0]
+    assert chunk.frames.shape == (4, 8, 8, 3) and chunk.frames[:, 0, 0, 0].tolist() == [0, 3, 6, 9]
+    assert len(buffer) == 0 and buffer.dropped == 6 and buffer.pushed == 10
+    for i in range(10, 18):
+        buffer.push(frame(i), float(i), now=float(i))
+    assert buffer.take(4, timeout=0).stamps == [11.0, 13.0, 15.0, 17.0]  # (9, 17] in four equal parts
+    assert buffer.dropped == 10
 
 
 def test_buffer_never_grows_past_its_capacity():
     buffer = FrameBuffer(4)
     sizes = []
     for i in range(1000):
-        buffer.push(frame(), float(i))
+        buffer.push(frame(), float(i), now=float(i))
         sizes.append(len(buffer))
     assert max(sizes) == 4 and buffer.dropped == 996
 
@@ -185,9 +188,9 @@ def test_session_fits_odd_frames_and_skips_bad_ones():
            np.zeros((12, 12, 4), np.uint8), np.random.rand(20, 20, 3).astype(np.float32)]
     for i, f in enumerate(odd):
         s.push_webcam(f, now=i * 0.5)
-    assert len(s.inputs) == 4 and s.inputs.dropped == 2
+    assert len(s.inputs) == 6 and s.inputs.dropped == 0
     chunk = s.inputs.take(4, timeout=0)
-    assert chunk.frames.shape == (4, 16, 16, 3) and chunk.frames.dtype == np.uint8
+    assert chunk.frames.shape == (4, 16, 16, 3) and chunk.frames.dtype == np.uint8 and s.inputs.dropped == 2
     assert s.rejected == 0
     for i, bad in enumerate(["not a frame", np.zeros((4, 4, 2), np.uint8), np.zeros((0, 5, 3), np.uint8)]):
         s.push_webcam(bad, now=3.0 + i * 0.5)

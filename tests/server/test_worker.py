@@ -313,7 +313,8 @@ def test_flooded_stream_keeps_latency_bounded(tiny_models, tiny_cfg):
         player.join()
         server.shutdown()
     assert len(worker.step_times) >= 9, "the engine did not run"
-    assert max(n for n, _ in sizes) <= 4 and max(m for _, m in sizes) <= session.pacer.max_frames
+    assert max(n for n, _ in sizes) <= session.inputs.capacity
+    assert max(m for _, m in sizes) <= session.pacer.max_frames
     assert session.inputs.dropped > 0.5 * session.inputs.pushed  # most frames were dropped, not queued
     assert latencies
     # a frame waits at most one step in the buffer, 3 more in the window, its own step, then pacing (~2 steps)

@@ -4,7 +4,9 @@ Layout and glue only. Each handler finds the tab's `Session` by gradio's session
 engines run in `worker.py`. Webcam frames arrive through gradio's streaming webcam (`Image.stream`), each with its
 capture time on the browser's clock; animated frames leave through one long-running generator per tab (started on
 page load, ended on unload) that yields each paced frame as an inline JPEG carrying that capture time, so nothing
-piles up in gradio's file cache and the page script `screen_latency.js` can measure capture to screen.
+piles up in gradio's file cache and the page script `screen_latency.js` can measure capture to screen. The same
+paced frames go to the outputs beyond the page (`outputs.py`: the output view at /output, a virtual camera, a network
+stream), and the page shows which are on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from PIL import Image
 from personalive.errors import ConfigError, ImageReadError, NoFaceError, VideoReadError
 from personalive.io.images import load_image
 from personalive.io.samples import sample_reference
+from personalive.server.output_view import add_output_view
+from personalive.server.outputs import OutputHub
 from personalive.server.session import FaceFinder, OutputFrame, prepare_reference
 from personalive.server.worker import FIRST_STATUS, StreamServer
 
@@ -64,9 +68,12 @@ def _preview(image: Image.Image, side: int = PREVIEW_SIDE) -> np.ndarray:
     return np.asarray(image)
 
 
-def build_page(server: StreamServer, reference_size: tuple[int, int], faces: FaceFinder | None = None) -> gr.Blocks:
-    """The page for `server`; references are cropped to `reference_size` (height, width) around the face."""
+def build_page(server: StreamServer, reference_size: tuple[int, int], faces: FaceFinder | None = None,
+               outputs: OutputHub | None = None) -> gr.Blocks:
+    """The page for `server`; references are cropped to `reference_size` (height, width) around the face; animated
+    frames also go to `outputs`."""
     settings = server.settings
+    outputs = outputs or OutputHub()
 
     def session(request: gr.Request):
         return server.session(request.session_hash)
@@ -137,21 +144,25 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
     async def player(request: gr.Request):
         """Runs while the tab is open: slot bookkeeping, paced frames out, readout every READOUT_EVERY s."""
         s = session(request)
-        shown_status = shown_stats = None
+        shown_status = shown_stats = shown_outputs = None
         next_readout = 0.0
         while not s.closed:
             now = time.monotonic()
             server.update(s, now)
             frame = s.next_output(now)
-            status = stats = gr.skip()
+            if frame is not None:
+                outputs.offer(s.key, frame, now)
+            status = stats = outputs_line = gr.skip()
             if now >= next_readout:
                 next_readout = now + READOUT_EVERY
                 if (text := server.status(s)) != shown_status:
                     status = shown_status = text
                 if (text := s.stats_text(now)) != shown_stats:
                     stats = shown_stats = text
-            if frame is not None or isinstance(status, str) or isinstance(stats, str):
-                yield _frame_html(frame) if frame is not None else gr.skip(), status, stats
+                if (text := outputs.status(s.key, now)) != shown_outputs:
+                    outputs_line = shown_outputs = text
+            if frame is not None or any(isinstance(x, str) for x in (status, stats, outputs_line)):
+                yield _frame_html(frame) if frame is not None else gr.skip(), status, stats, outputs_line
             wait = s.wait_time(time.monotonic())
             await asyncio.sleep(0.05 if wait is None else min(wait, 0.05))
 
@@ -181,6 +192,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
                 output = gr.HTML(EMPTY_OUTPUT, label="Animation", elem_id="pl-output")
                 gr.HTML(SCREEN_EMPTY, elem_id="pl-screen-latency")  # written by screen_latency.js
                 stats = gr.Markdown("", elem_id="pl-stats")
+                outputs_line = gr.Markdown("", elem_id="pl-outputs")
                 with gr.Row():
                     start_button = gr.Button("Start", elem_id="pl-start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="pl-stop")
@@ -206,7 +218,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
         reset_button.click(on_reset, outputs=[status], **quick)
         fps.change(on_fps, inputs=[fps], **quick)
         seed.change(on_seed, inputs=[seed], **quick)
-        page.load(player, outputs=[output, status, stats], **quick)
+        page.load(player, outputs=[output, status, stats, outputs_line], **quick)
         page.unload(on_unload)
     return page
 
@@ -230,8 +242,10 @@ def check_address(host: str, port: int) -> None:
 
 
 def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "127.0.0.1", port: int = 7860,
-           max_upload_mb: float = 50, block: bool = True, quiet: bool = False) -> gr.Blocks:
-    """Serve the page on host:port; with `block` until Ctrl-C (then the workers stop), else in the background.
+           max_upload_mb: float = 50, block: bool = True, quiet: bool = False,
+           outputs: OutputHub | None = None) -> gr.Blocks:
+    """Serve the page (and the output view of `outputs`) on host:port; with `block` until Ctrl-C (then the workers
+    and outputs stop), else in the background.
 
     Raises:
         ConfigError: the port is taken or the host cannot be bound.
@@ -241,18 +255,25 @@ def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "1
                        "(there is no login); use --host 127.0.0.1 to keep it local", host)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     faces = FaceFinder()
-    page = build_page(server, reference_size, faces)
+    outputs = outputs or OutputHub()
+    page = build_page(server, reference_size, faces, outputs)
     page.queue(default_concurrency_limit=None, max_size=256)
     try:
         page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                     max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes: gradio's "<n>mb" takes integers only
-                    prevent_thread_lock=not block, quiet=quiet, css=CSS, js=_text("screen_latency.js"),
+                    prevent_thread_lock=True, quiet=quiet, css=CSS, js=_text("screen_latency.js"),
                     footer_links=["gradio"])
+        add_output_view(page.app, outputs)
+        address = f"http://{'localhost' if host in LOCAL_HOSTS else host}:{port}"
+        logger.info("page %s/ ; outputs: %s", address, outputs.summary(address))
+        if block:
+            page.block_thread()
     except OSError as e:
         raise ConfigError(f"cannot serve on {host}:{port} ({e}); pass a free --port or another --host") from e
     finally:
         if block:
             page.close()
             server.shutdown()
+            outputs.close()
             faces.close()
     return page

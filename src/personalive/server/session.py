@@ -2,8 +2,9 @@
 
 The queue discipline decides the latency users feel, so every queue here is bounded:
 
-- `FrameBuffer` holds at most one chunk of driving frames; when frames come faster than the engine takes them the
-  oldest are dropped (and counted), so a frame never waits behind a backlog.
+- `FrameBuffer` holds the driving frames that arrived since the engine's last step (a few chunks at most); each
+  step takes a chunk evenly spaced in time over that interval, ending with the newest frame (`selection.py`), and
+  the rest are dropped (and counted), so a frame never waits behind a backlog and motion advances evenly.
 - `Pacer` releases the engine's output chunks one frame at a time, spread over the measured time between chunks
   instead of 4 at once; it too holds at most two chunks.
 - `StreamStats` turns driving and shown frames into the page's readout: FPS in and out and latency percentiles,
@@ -34,10 +35,12 @@ from personalive.errors import NoFaceError, PersonaLiveError
 from personalive.io.faces import FaceCropper, mediapipe_available
 from personalive.io.images import fit_frame
 from personalive.io.video import VideoReader
+from personalive.server.selection import pick_evenly, thin
 
 logger = logging.getLogger(__name__)
 
 JPEG_QUALITY = 90  # animated frames travel to the page as inline JPEG
+INPUT_CHUNKS = 4  # driving frames kept between two engine steps, in steps (16 frames: 0.5 s at 30 fps, then thinned)
 
 
 @dataclass(frozen=True)
@@ -58,51 +61,67 @@ class Chunk:
 
 
 class FrameBuffer:
-    """Bounded buffer of driving frames in which the newest frames win. Thread-safe.
+    """Bounded buffer of the driving frames since the engine's last step; a step takes frames evenly spaced in time
+    over that interval, the newest always among them. Thread-safe.
 
     Args:
-        capacity: frames kept at most (one engine chunk); a push into a full buffer drops the oldest frame.
+        capacity: frames kept at most; a push into a full buffer drops the frame whose loss leaves the smallest gap
+            in time (`selection.thin`), so the buffer still spans the whole interval.
     """
 
     def __init__(self, capacity: int):
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self._items: deque[tuple[np.ndarray, Stamp]] = deque()
+        self._items: list[tuple[np.ndarray, Stamp]] = []
+        self._times: list[float] = []  # when each frame arrived (s), ascending
+        self._since: float | None = None  # when the newest frame of the last step arrived
         self._cond = threading.Condition()
-        self.dropped = 0  # frames that were overwritten before the engine took them
+        self.dropped = 0  # frames that no step took
         self.pushed = 0
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
-    def push(self, frame: np.ndarray, stamp: Stamp) -> bool:
-        """Add a frame (H, W, 3) uint8 taken at `stamp`; True when an older frame was dropped for it."""
+    def push(self, frame: np.ndarray, stamp: Stamp, now: float | None = None) -> bool:
+        """Add a frame (H, W, 3) uint8 taken at `stamp`, arriving at `now` (s, default: `time.monotonic()`); True
+        when the buffer was full and dropped a frame for it."""
         with self._cond:
             self._items.append((frame, stamp))
+            self._times.append(time.monotonic() if now is None else now)
             self.pushed += 1
             dropped = len(self._items) > self.capacity
             if dropped:
-                self._items.popleft()
+                i = thin(self._times, self._since)
+                del self._items[i], self._times[i]
                 self.dropped += 1
             self._cond.notify_all()
             return dropped
 
     def take(self, n: int, timeout: float | None = None) -> Chunk | None:
-        """Wait (at most `timeout` s) for `n` frames and remove them, oldest first; None on timeout."""
+        """Wait (at most `timeout` s) for `n` frames, then take `n` evenly spaced in time over the interval since the
+        last take (`selection.pick_evenly`), oldest first, the newest among them; the others are dropped. None on
+        timeout."""
         if n > self.capacity:
             raise ValueError(f"cannot take {n} frames from a buffer of {self.capacity}")
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._items) >= n, timeout):
                 return None
-            items = [self._items.popleft() for _ in range(n)]
+            picked = pick_evenly(self._times, n, self._since)
+            items = [self._items[i] for i in picked]
+            self.dropped += len(self._items) - n
+            self._since = self._times[picked[-1]]
+            self._items.clear()
+            self._times.clear()
         return Chunk(np.stack([frame for frame, _ in items]), [stamp for _, stamp in items])
 
     def clear(self) -> None:
-        """Forget the buffered frames (a restart, not a drop)."""
+        """Forget the buffered frames and the last step (a restart, not a drop)."""
         with self._cond:
             self._items.clear()
+            self._times.clear()
+            self._since = None
             self._cond.notify_all()
 
 
@@ -259,6 +278,7 @@ class OutputFrame:
     index: int  # frames shown since the stream (re)started
     jpeg: str  # base64 JPEG
     stamp: Stamp | None  # of its driving frame; None for ramp frames
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, for the outputs beyond the page (outputs.py)
 
 
 def as_rgb_frame(frame: Any) -> np.ndarray:
@@ -365,7 +385,7 @@ class Session:
                  idle_timeout: float = 2.0):
         self.key, self.height, self.width, self.window = key, height, width, window
         self.idle_timeout = idle_timeout
-        self.inputs = FrameBuffer(window)
+        self.inputs = FrameBuffer(INPUT_CHUNKS * window)
         self.limiter = RateLimiter(fps)
         self.pacer = Pacer(window, window / fps)
         self.stats = StreamStats()
@@ -453,7 +473,7 @@ class Session:
             return
         with self._lock:
             self.stats.arrived(stamp.arrived)
-        self.inputs.push(frame, stamp)
+        self.inputs.push(frame, stamp, stamp.arrived)
 
     def play_video(self, path: str | Path) -> None:
         """Drive the stream with a video file instead of the webcam (played in real time at the driving FPS).
@@ -526,9 +546,9 @@ class Session:
                 return  # a restart happened while this step ran
             self.step_time = step_time if self.step_time is None else 0.8 * self.step_time + 0.2 * step_time
             items = []
-            for jpeg, stamp in zip(encoded, stamps, strict=True):
+            for frame, jpeg, stamp in zip(frames, encoded, stamps, strict=True):
                 self._shown += 1
-                items.append(OutputFrame(self._shown, jpeg, stamp))
+                items.append(OutputFrame(self._shown, jpeg, stamp, frame))
             self.pacer.push(items, now)
 
     def fail(self, epoch: int, message: str) -> None:
