@@ -25,8 +25,8 @@ score self-reenactment on held-out frames against two baselines (see docs/experi
    autoencoder on the training frames (--vae-steps; 0 keeps the random one): it stands in for the pretrained SD
    VAE, which no stage trains and a random one cannot replace. These weights are the "untrained" model and the
    start of stage 1 (both UNets from the random SD UNet, as with real weights). With --motion-extractor-steps, the
-   random motion extractor is likewise replaced by one trained on the training frames' MediaPipe head poses
-   (`pretrain_motion_extractor`), standing in for LivePortrait's. Stages 1, 2 and 3 then train in
+   random motion extractor is likewise replaced by one trained on the training frames' MediaPipe head poses,
+   standing in for LivePortrait's (both pre-stages: personalive.training.pretraining). Stages 1, 2 and 3 then train in
    turn (configs/train/tiny_stage{1,2,3}.yaml, each from the previous one's output) for --steps optimiser steps.
 3. Held-out self-reenactment: the first held-out frame is the reference, the held-out frames drive it, and the
    result is compared with them (L1, SSIM, PSNR on [0, 1] frames) for: "reference" (every output frame is the
@@ -62,174 +62,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personalive import keypoints as kp
 from personalive.cli import run
 from personalive.config import PROJECT_ROOT, TrainConfig, load_config
 from personalive.errors import ConfigError
 from personalive.evaluation import metrics as M
 from personalive.evaluation.protocol import animate, read_clip
-from personalive.io.checkpoints import CONFIG_FILES, WEIGHT_FILES, read_config, save_state_dict, write_json
-from personalive.io.faces import FaceCropper
+from personalive.io.checkpoints import CONFIG_FILES, read_config
 from personalive.io.images import fit_frame, frames_to_tensor
 from personalive.io.samples import sample_driving_video
 from personalive.io.video import VideoWriter
 from personalive.pipelines.build import build_engine
 from personalive.pipelines.offline import face_cropper
+from personalive.training.pretraining import pretrain_motion_extractor, pretrain_vae
 
 logger = logging.getLogger("cpu_scale")
 
 TINY = PROJECT_ROOT / "configs/prompts/tiny.yaml"
 STRIP_COLUMNS = 6  # held-out frames shown in the picture
-
-
-def pretrain_vae(frames: np.ndarray, weights: Path, steps: int, channels: list[int], batch: int = 8,
-                 lr: float = 1e-3, seed: int = 0) -> dict:
-    """Replace the random VAE in `weights` by one trained as an autoencoder on `frames` uint8 (n, H, W, 3).
-
-    Stands in for the pretrained SD VAE that every stage keeps frozen: L1 reconstruction plus a tiny KL term
-    (as SD's VAE, latents stay about unit scale), random flips and shifts of up to 4 px against overfitting the
-    clip, cosine learning-rate decay. Its config gets `block_out_channels=channels` (4 widths: 8x compression, as the
-    tiny config's and SD's; 3 widths: 4x) and `scaling_factor` = 1 / std of the training latents, as SD's 0.18215
-    was chosen.
-    Returns {"seconds", "frames", "l1" (mean training L1 of the last 50 steps, frames in [0, 1]), "scaling_factor"}.
-    """
-    from diffusers import AutoencoderKL
-
-    config_path = weights / CONFIG_FILES["vae"]
-    config = {**json.loads(config_path.read_text()), "block_out_channels": channels,
-              "down_block_types": ["DownEncoderBlock2D"] * len(channels),
-              "up_block_types": ["UpDecoderBlock2D"] * len(channels)}
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")}).train()
-    x = frames_to_tensor(frames)  # (n, 3, H, W) in [-1, 1]
-    pad = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start, losses = time.perf_counter(), []
-    for step in range(steps):
-        i, dy, dx = torch.randint(len(x), (batch,)), *torch.randint(9, (2,)).tolist()
-        b = pad[i, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
-        b = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, b.flip(-1), b)
-        posterior = vae.encode(b).latent_dist
-        l1 = (vae.decode(posterior.sample()).sample - b).abs().mean()
-        loss = l1 + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(l1.item() / 2)
-        if step % 250 == 0:
-            logger.info("vae step %d/%d: L1 %.4f", step, steps, losses[-1])
-    with torch.no_grad():
-        z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(16)])
-    config["scaling_factor"] = round(1 / z.std().item(), 5)
-    write_json(config, config_path)
-    save_state_dict(vae.state_dict(), weights / WEIGHT_FILES["vae"][-1])
-    return {"seconds": time.perf_counter() - start, "frames": len(x), "l1": float(np.mean(losses[-50:])),
-            "scaling_factor": config["scaling_factor"]}
-
-
-# FaceMesh landmarks standing in for the 21 implicit keypoints. Positions 1, 2, 3, 4, 12, 15 and 20 (the ones drawn
-# on the pose canvas, `keypoints.DRAWN_KEYPOINTS`, which also make the keypoint face box) are the forehead, the outer
-# eye corners, the nose tip, the mouth corners and the chin.
-MESH_KEYPOINTS = (168, 10, 33, 263, 1, 133, 362, 70, 300, 4, 234, 454, 61, 13, 14, 291, 0, 17, 172, 397, 152)
-
-
-def face_keypoints(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MediaPipe landmarks of uint8 (n, H, W, 3) frames as keypoints: (m, 21, 3) float32 in the keypoint maths'
-    coordinates (x, y in [-1, 1], z on x's scale) and the indices (m,) of the frames with a face."""
-    with FaceCropper() as cropper:
-        found = [(i, mesh) for i, frame in enumerate(frames) if (mesh := cropper.landmarks(frame)) is not None]
-    if not found:
-        raise ConfigError("the motion-extractor pre-stage needs faces, and MediaPipe finds none in the training frames")
-    index, meshes = zip(*found, strict=True)
-    return (np.stack(meshes)[:, MESH_KEYPOINTS] * 2 - [1, 1, 0]).astype(np.float32), np.array(index)
-
-
-def canonical_keypoints(points: torch.Tensor, iterations: int = 5) -> torch.Tensor:
-    """Generalised Procrustes mean of (n, k, 3) keypoint sets: (k, 3), centred, RMS radius 0.5."""
-
-    def normalised(shape: torch.Tensor) -> torch.Tensor:
-        shape = shape - shape.mean(0)
-        return shape * 0.5 / shape.square().sum(1).mean().sqrt()
-
-    shape = normalised(points[0])
-    for _ in range(iterations):
-        scale, rot, t = kp.fit_similarity(shape, points)
-        shape = normalised(((points - t[:, None]) @ rot.transpose(1, 2) / scale[:, :, None]).mean(0))
-    return shape
-
-
-def pose_targets(canonical: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The similarity pose of each (n, k, 3) set on `canonical`, as the motion extractor's decoded outputs."""
-    scale, rot, t = kp.fit_similarity(canonical, points)
-    pitch, yaw, roll = kp.rotation_angles(rot)
-    return {"pitch": pitch, "yaw": yaw, "roll": roll, "t": t * torch.tensor([1.0, 1.0, 0.0]), "scale": scale,
-            "kp": canonical.reshape(1, -1).expand(len(points), -1)}
-
-
-def keypoint_error(extractor, inputs: torch.Tensor, targets: dict[str, torch.Tensor], size: int) -> float:
-    """Mean distance in pixels of a `size` frame between the extractor's posed keypoints and the targets'."""
-    with torch.no_grad():
-        posed = kp.transform_keypoints(extractor(inputs))
-    return float((posed - kp.transform_keypoints(targets))[..., :2].norm(dim=-1).mean() * size / 2)
-
-
-def pretrain_motion_extractor(frames: np.ndarray, weights: Path, steps: int, held_out: np.ndarray | None = None,
-                              batch: int = 16, lr: float = 1e-3, seed: int = 0) -> dict:
-    """Replace the random motion extractor in `weights` by one trained to give each frame (uint8 (n, H, W, 3)) the
-    head pose of its MediaPipe landmarks.
-
-    Stands in for LivePortrait's pretrained extractor, which no stage trains: with random weights the keypoint
-    canvas, the pose guider's only input, is unrelated to the head. Targets: one canonical shape (the Procrustes mean
-    of the frames' 21 landmarks, `MESH_KEYPOINTS`), and per frame the rotation, scale and x-y translation that fit
-    it to the frame's landmarks (no expression term: the canvas has none). Loss: L1 on the posed keypoints, the
-    angles, translation, scale and canonical keypoints; random shifts of up to 4 px (moving the translation target)
-    and channel gains. Returns {"seconds", "frames" (with a face), "pixel_error" (posed keypoints, training frames)
-    and, given `held_out` frames, "pixel_error_held_out"}.
-    """
-    from personalive.training.data import motion_input
-    from personalive.weights import load_network
-
-    points, found = face_keypoints(frames)
-    points = torch.from_numpy(points)
-    canonical = canonical_keypoints(points)
-    targets = pose_targets(canonical, points)
-    torch.manual_seed(seed)
-    cfg = load_config(TINY, [f"weights_dir={weights}"])
-    extractor = load_network(cfg, "motion_extractor").train()
-    size = extractor.config.input_size
-    inputs = motion_input(frames_to_tensor(frames[found]), size)  # (m, 3, size, size) in [0, 1]
-    pad = torch.nn.functional.pad(inputs, (4, 4, 4, 4), mode="reflect")
-    opt = torch.optim.AdamW(extractor.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start = time.perf_counter()
-    for step in range(steps):
-        i, (dy, dx) = torch.randint(len(inputs), (batch,)), torch.randint(-4, 5, (2,)).tolist()
-        x = pad[i, :, 4 + dy:4 + dy + size, 4 + dx:4 + dx + size] * (0.7 + 0.6 * torch.rand(batch, 3, 1, 1))
-        target = {k: v[i] for k, v in targets.items()}
-        target["t"] = target["t"] - torch.tensor([dx, dy, 0.0]) * 2 / size  # the content moved by -(dx, dy) px
-        out = kp.decode_pose(extractor(x.clamp(0, 1)))  # angles decoded once, for both loss terms
-        loss = (10 * (kp.transform_keypoints(out) - kp.transform_keypoints(target)).abs().mean()
-                + sum((out[a] - target[a]).abs().mean() for a in ("pitch", "yaw", "roll")) / 10
-                + 10 * (out["t"] - target["t"])[:, :2].abs().mean() + (out["scale"] - target["scale"]).abs().mean()
-                + 10 * (out["kp"] - target["kp"]).abs().mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0:
-            logger.info("motion extractor step %d/%d: loss %.4f", step, steps, loss.item())
-    extractor.eval()
-    save_state_dict(extractor.state_dict(), weights / WEIGHT_FILES["motion_extractor"][-1])
-    result = {"seconds": time.perf_counter() - start, "frames": len(found),
-              "pixel_error": keypoint_error(extractor, inputs, targets, frames.shape[2])}
-    if held_out is not None:
-        points, found = face_keypoints(held_out)
-        result["pixel_error_held_out"] = keypoint_error(
-            extractor, motion_input(frames_to_tensor(held_out[found]), size),
-            pose_targets(canonical, torch.from_numpy(points)), held_out.shape[2])
-    return result
 
 
 def split_scope(override: str) -> tuple[str | None, str]:
@@ -426,7 +275,7 @@ def experiment(out: Path, video: Path, train_frames: int, test_frames: int, step
             vae = pretrain_vae(pretraining_frames, weights, vae_steps, vae_channels) if vae_steps else None
             vae = vae and {"steps": vae_steps, "block_out_channels": vae_channels, **vae}
         extractor = motion_extractor_steps and {"steps": motion_extractor_steps, **pretrain_motion_extractor(
-            pretraining_frames, weights, motion_extractor_steps, None if oracle else fit[train_frames:])}
+            pretraining_frames, cfg, motion_extractor_steps, None if oracle else fit[train_frames:])}
         if face_crops == "mediapipe":
             cache_face_boxes(data, weights)
         trained, seconds = train_stages(data, weights, out / "train", steps, overrides)

@@ -2,7 +2,6 @@
 against the baselines, picture) runs end to end on a short synthetic clip, one step per stage."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,12 +9,12 @@ import torch
 from conftest import ROOT, load_tool, run_tool, write_video
 from PIL import Image
 
-from personalive import keypoints as kp
 from personalive.config import TrainConfig, load_config
 from personalive.errors import ConfigError
 from personalive.evaluation.protocol import animate, read_clip
 from personalive.io.samples import sample_reference
 from personalive.pipelines.build import build_engine
+from personalive.training.pretraining import pretrain_vae
 from personalive.weights import load_network
 
 
@@ -131,6 +130,17 @@ def test_rescore_or_weights_from_without_a_run_is_one_line(tmp_path, caplog):
     assert f"--weights-from {tmp_path / 'none'}: no finished run there" in caplog.text
 
 
+def test_motion_extractor_steps_reach_the_prestage(tmp_path, caplog):
+    """--motion-extractor-steps runs the package's pre-stage on the training frames (after the random weights): a
+    clip without a face is one line."""
+    clip = write_video(tmp_path / "clip.mp4", sliding_frames(12, width=64))
+    argv = ["--out", str(tmp_path / "o"), "--video", str(clip), "--train-frames", "8", "--test-frames", "4",
+            "--vae-steps", "0", "--motion-extractor-steps", "1"]
+    assert run_tool("cpu_scale", argv) == 2
+    assert "MediaPipe finds none in the training frames" in caplog.text
+    assert (tmp_path / "o/random_weights/personalive/motion_extractor.pth").is_file()
+
+
 def test_a_stage_scoped_override_names_a_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_tool("cpu_scale").main(["--out", str(tmp_path), "stage4:snr_gamma=5"])
@@ -143,26 +153,6 @@ def test_latent_channels_come_from_the_earlier_run_with_weights_from(tmp_path, c
     assert "--weights-from run's VAE" in capsys.readouterr().err
 
 
-def test_vae_prestage_learns_to_reconstruct(tiny_weights, tmp_path):
-    """The stand-in for SD's pretrained VAE: a few steps already beat the random VAE's round trip; the config gets
-    the new widths and the latent scale, and the weights folder still loads."""
-    cpu_scale, weights = load_tool("cpu_scale"), tmp_path / "weights"
-    shutil.copytree(tiny_weights, weights)
-    frames = sliding_frames(16, width=64)
-    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={weights}"])
-
-    def round_trip_l1() -> float:
-        vae = load_network(cfg, "vae")
-        return float(np.abs(cpu_scale.vae_round_trip(vae, frames) / 255 - frames / 255).mean())
-
-    before = round_trip_l1()
-    info = cpu_scale.pretrain_vae(frames, weights, steps=150, channels=[8, 8, 16, 16])
-    after = round_trip_l1()
-    assert after < 0.7 * before, (before, after)
-    config = json.loads((weights / "sd-vae-ft-mse/config.json").read_text())
-    assert config["block_out_channels"] == [8, 8, 16, 16] and config["scaling_factor"] == info["scaling_factor"] > 0
-
-
 def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_path):
     """--vae-channels with 3 widths: a 16x16 latent for a 64x64 frame. The pose guider loses a stride-2 stage to
     match it, in the random weights, in training and in the engine that scores."""
@@ -171,7 +161,7 @@ def test_a_vae_of_three_blocks_compresses_4x_and_the_pose_guider_follows(tmp_pat
     assert pose == ["model.pose_guider.block_out_channels=[4,8,16]"] and cpu_scale.pose_guider_widths(4) == []
     assert run_tool("make_random_weights", ["--size", "tiny", "--out", str(weights), *pose]) == 0
     frames = sliding_frames(28, width=64)
-    cpu_scale.pretrain_vae(frames, weights, steps=2, channels=[8, 8, 16])
+    pretrain_vae(frames, weights, steps=2, channels=[8, 8, 16])
     assert cpu_scale.width_overrides(weights) == ["model.pose_guider.out_channels=32", *pose]
     data.mkdir()
     write_video(data / "clip.mp4", frames)
@@ -198,31 +188,3 @@ def test_mediapipe_face_crops_are_cached_for_training(tiny_weights, tmp_path):
     write_video(faceless / "clip.mp4", sliding_frames(6, width=64))
     with pytest.raises(ConfigError, match="use --face-crops keypoints"):
         cpu_scale.cache_face_boxes(faceless, tiny_weights)
-
-
-def test_motion_extractor_prestage_follows_the_head(tiny_weights, tmp_path):
-    """--motion-extractor-steps: the random tiny extractor learns the MediaPipe head pose of each frame, so its roll
-    follows a tilted face and its keypoints land on the face; the file still loads; a faceless clip is one line."""
-    cpu_scale, weights = load_tool("cpu_scale"), tmp_path / "weights"
-    shutil.copytree(tiny_weights, weights)
-    face = Image.open(sample_reference()).convert("RGB").crop((100, 0, 400, 300))
-    tilts = np.tile([-20, -10, 0, 10, 20], 2)
-    frames = np.stack([np.asarray(face.rotate(a, resample=Image.Resampling.BILINEAR).resize((64, 64))) for a in tilts])
-    cfg = load_config(ROOT / "configs/prompts/tiny.yaml", [f"weights_dir={weights}"])
-    points, found = cpu_scale.face_keypoints(frames)
-    assert points.shape == (10, 21, 3) and (found == np.arange(10)).all()
-    targets = cpu_scale.pose_targets(cpu_scale.canonical_keypoints(torch.from_numpy(points)), torch.from_numpy(points))
-    assert np.corrcoef(targets["roll"], tilts)[0, 1] < -0.99  # PIL turns counter-clockwise; roll turns the other way
-
-    info = cpu_scale.pretrain_motion_extractor(frames, weights, steps=1200, held_out=frames[:3])
-    extractor = load_network(cfg, "motion_extractor")
-    with torch.no_grad():
-        out = extractor(torch.from_numpy(frames).permute(0, 3, 1, 2) / 255)
-    roll = kp.decode_pose(out)["roll"]
-    assert (roll - targets["roll"]).abs().max() < 4, (roll, targets["roll"])  # 0 to -38 degrees
-    assert info["frames"] == 10 and info["pixel_error"] < 1.0 and info["pixel_error_held_out"] < 1.0, info
-    x1, y1, x2, y2 = kp.face_boxes(kp.transform_keypoints(out), 64, 64).float().mean(0).tolist()
-    assert 20 < (x1 + x2) / 2 < 44 and 15 < (y1 + y2) / 2 < 45  # the face of the 64x64 crop
-
-    with pytest.raises(ConfigError, match="MediaPipe finds none"):
-        cpu_scale.pretrain_motion_extractor(sliding_frames(4, width=64), weights, steps=1)
