@@ -16,9 +16,9 @@ Set-up (a scratch venv beside the project; the versions the fixtures were record
         huggingface-hub==0.25.1 accelerate==1.12.0 einops omegaconf numpy==1.26.4 mediapipe==0.10.21 \\
         opencv-python-headless==4.10.0.84 scikit-image==0.26.0 scikit-video==1.1.11 av==18.1.0 pillow==12.3.0 \\
         safetensors tqdm
-    python tools/make_random_weights.py --size fidelity --seed 0 --out /tmp/fidelity-weights   # project venv
+    python tools/make_random_weights.py --size fidelity --seed 0 --out ../fidelity-weights   # project venv
     ../official-venv/bin/python tools/fidelity/record_official.py --official PersonaLive \\
-        --weights /tmp/fidelity-weights --out tests/fixtures/official/official.npz
+        --weights ../fidelity-weights --out tests/fixtures/official/official.npz
 
 The few patches the official code needs here, all applied at run time to the imported modules:
 - the PoseGuider's output width follows the small UNet (the official code hard-codes SD's 320);
