@@ -24,7 +24,20 @@ the JSON to --json OUT (or stdout). For stable numbers on glibc, run with
 
 Several backends (--acceleration none,onnxruntime) are timed in one process, in alternating rounds on the same
 models, so that the speed-up ratios they report are fair on a busy machine; the JSON then holds each backend's
-median round and `speedup` (frames/s relative to the first backend, the median of the per-round ratios).
+median round, `speedup` (frames/s relative to the first backend, the median of the per-round ratios) and
+`stage_speedup` (the same per stage, from the stage times per step).
+
+--savings before,after times the engine without and with its exact savings (reference keys/values projected once
+per bank entry, the one-token CLIP cross-attention as `to_out(to_v(clip))`, `torch.inference_mode` instead of
+`torch.no_grad`) in alternating rounds on the same models, e.g. on the official-size set-up:
+    python tools/make_random_weights.py --size fidelity --seed 0 --out weights/fidelity
+    MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 python tools/benchmark.py \
+        --config configs/prompts/fidelity.yaml weights_dir=weights/fidelity device=cpu --threads 2 \
+        --savings before,after --frames 16 --warmup 1 --rounds 3 --json savings-fp32.json      # dtype=bf16 too
+
+--official DIR --official-python PY adds the official online wrapper's step to every round (a checkout you supply,
+run in its own venv by tools/fidelity/time_official.py on the same weights; use the fidelity config) and reports
+`official.speedup_vs_official`: the official step time over ours, the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import logging
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -51,10 +65,15 @@ from personalive.errors import PersonaLiveError
 from personalive.io.images import fit_frame, frames_to_tensor, load_image
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader
+from personalive.models.attention_processors import set_attention_savings
 from personalive.pipelines.build import build_engine
 from personalive.pipelines.offline import ACCELERATIONS, set_acceleration
 
 logger = logging.getLogger("benchmark")
+
+
+class OfficialRunError(PersonaLiveError):
+    """The official code's timing script failed (--official)."""
 
 NETWORK_STAGES = ("motion_extraction", "motion_encoding", "pose_guider", "unet", "vae_decode", "keyframe", "step")
 MEMORY_CHECKPOINT = 100  # frames: RSS is recorded once this many driving frames have been fed
@@ -181,6 +200,24 @@ def benchmark(engine, frames: int, warmup: int) -> dict:
     return result
 
 
+def time_official(args, weights_dir: str, steps: int) -> dict:
+    """One timing of the official online wrapper's step (tools/fidelity/time_official.py in its own venv)."""
+    script = Path(__file__).resolve().parent / "fidelity" / "time_official.py"
+    argv = [args.official_python, str(script), "--official", str(args.official), "--weights", str(weights_dir),
+            "--steps", str(steps), "--warmup", str(max(args.warmup, 1)), "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OfficialRunError(f"the official timing failed ({' '.join(argv[:2])}): "
+                               f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def use_savings(engine, on: bool) -> None:
+    """The engine with (default) or without its exact savings: attention processors and inference mode."""
+    set_attention_savings(engine.models.denoising_unet, on)
+    engine.grad_mode = torch.inference_mode if on else torch.no_grad
+
+
 def summary(r: dict) -> str:
     mem = r["memory"]
     lines = [
@@ -206,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceleration", default="none",
                         help=f"one of {', '.join(ACCELERATIONS)}, or several comma-separated to compare them")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds when comparing backends (3)")
+    parser.add_argument("--savings", default="after",
+                        help="after (the engine as it is), before (without its exact savings), or before,after to "
+                             "compare them in alternating rounds (one --acceleration only)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--official", type=Path,
+                        help="a checkout of the official code: its online wrapper's step is timed too, in alternating "
+                             "rounds, on the config's weights_dir (tools/fidelity/time_official.py; fidelity config)")
+    parser.add_argument("--official-python", default="python",
+                        help="the Python of the official code's venv (see tools/fidelity/record_official.py)")
     parser.add_argument("--json", type=Path, help="write the JSON here (default: stdout)")
     args = parser.parse_intermixed_args(argv)
     backends = args.acceleration.split(",")
@@ -213,22 +259,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames and --rounds must be at least 1 and --warmup at least 0")
     if any(b not in ACCELERATIONS for b in backends) or len(set(backends)) < len(backends):
         parser.error(f"--acceleration {args.acceleration}: give distinct names out of {', '.join(ACCELERATIONS)}")
+    savings = args.savings.split(",")
+    if any(v not in ("before", "after") for v in savings) or len(set(savings)) < len(savings) \
+            or (len(savings) > 1 and len(backends) > 1):
+        parser.error(f"--savings {args.savings}: give before, after or before,after (with one --acceleration)")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if len(savings) > 1:  # the variants compared are the savings settings of one backend
+        backends = [f"{backends[0]}:{v}" for v in savings]
 
     def job() -> None:
         engines, step_fns = {}, {}  # one engine per attention kind; the step backends share its models
         for backend in backends:
+            name = backend.split(":")[0]
             cfg = load_config(args.config, [f"device={args.device}"] * bool(args.device) + args.overrides
-                              + ["attention=xformers"] * (backend == "xformers"))
+                              + ["attention=xformers"] * (name == "xformers"))
             if cfg.attention not in engines:
                 engines[cfg.attention] = build_engine(cfg)
             engine = engines[cfg.attention]
-            set_acceleration(engine, cfg, backend)
+            set_acceleration(engine, cfg, name)
             step_fns[backend] = (engine, engine.step_fn)
             engine.step_fn = None
         rounds: dict[str, list[dict]] = {b: [] for b in backends}
-        for r in range(args.rounds if len(backends) > 1 else 1):
+        official: list[dict] = []
+        for r in range(args.rounds if len(backends) > 1 or args.official else 1):
+            if args.official:
+                logger.info("round %d: official", r + 1)
+                official.append(time_official(args, cfg.weights_dir, -(-args.frames // cfg.temporal_window_size)))
             for backend in backends:
                 engine, engine.step_fn = step_fns[backend]
+                use_savings(engine, (backend.split(":")[1:] or savings)[0] == "after")
                 logger.info("round %d: %s", r + 1, backend)
                 rounds[backend].append(benchmark(engine, args.frames, args.warmup))
         runs = {}
@@ -236,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             median = sorted(results, key=lambda x: x["fps"])[len(results) // 2]
             engine = step_fns[backend][0]
             runs[backend] = {"config": str(args.config), "device": str(engine.device),
-                             "dtype": str(engine.dtype).split(".")[-1], "acceleration": backend,
+                             "dtype": str(engine.dtype).split(".")[-1], "acceleration": backend.split(":")[0],
+                             "savings": (backend.split(":")[1:] or savings)[0],
                              "torch_threads": torch.get_num_threads(), **median}
             print(f"--- {backend}" + (f" (median of {len(results)} rounds)" if len(results) > 1 else ""),
                   file=sys.stderr)
@@ -247,9 +310,21 @@ def main(argv: list[str] | None = None) -> int:
             first = rounds[backends[0]]
             speedup = {b: statistics.median(x["fps"] / f["fps"] for x, f in zip(rounds[b], first, strict=True))
                        for b in backends}
+            stage_speedup = {b: {k: statistics.median(f["stage_ms_per_step"][k] / x["stage_ms_per_step"][k]
+                                                      for x, f in zip(rounds[b], first, strict=True))
+                                 for k in rounds[b][0]["stage_ms_per_step"]
+                                 if all(x["stage_ms_per_step"].get(k) for x in rounds[b] + first)}
+                             for b in backends}
             print("speed-up (frames/s vs " + backends[0] + "): "
                   + ", ".join(f"{b} {v:.2f}x" for b, v in speedup.items()), file=sys.stderr)
-            result = {"config": str(args.config), "rounds": args.rounds, "backends": runs, "speedup": speedup}
+            result = {"config": str(args.config), "rounds": args.rounds, "backends": runs, "speedup": speedup,
+                      "stage_speedup": stage_speedup}
+        if official:
+            ours = {b: statistics.median(o["step_ms_mean"] / x["step_ms"]["mean"]
+                                         for x, o in zip(rounds[b], official, strict=True)) for b in backends}
+            print("speed-up per step vs the official online wrapper: "
+                  + ", ".join(f"{b} {v:.2f}x" for b, v in ours.items()), file=sys.stderr)
+            result["official"] = {"rounds": official, "speedup_vs_official": ours}
         text = json.dumps(result, indent=2)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

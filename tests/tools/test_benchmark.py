@@ -51,3 +51,15 @@ def test_benchmark_refuses_unknown_backends():
     with pytest.raises(SystemExit) as e:
         run_tool("benchmark", ["--acceleration", "none,warp"])
     assert e.value.code == 2
+
+
+def test_savings_compared_in_one_run(tmp_path, tiny_weights):
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "4",
+            "--warmup", "0", "--rounds", "1", "--savings", "before,after", "--threads", "1", "--json", str(out),
+            "--log-level", "WARNING"]
+    assert run_tool("benchmark", argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["backends"]) == {"none:before", "none:after"}
+    assert [result["backends"][b]["savings"] for b in ("none:before", "none:after")] == ["before", "after"]
+    assert result["speedup"]["none:before"] == 1.0 and result["stage_speedup"]["none:after"]["unet"] > 0

@@ -151,6 +151,7 @@ class StreamEngine:
         self.noise_fn = noise_fn or self._default_noise
         self.stage: Stage = no_stage
         self.state: StreamState | None = None
+        self.grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode  # torch.no_grad: benchmarks
 
     @property
     def num_ramp_frames(self) -> int:
@@ -177,7 +178,6 @@ class StreamEngine:
         return self.scheduler.add_noise(copies, noise.to(self.device, self.dtype), timesteps)
 
     # ----------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def fuse_reference(self, image: Image.Image, face: torch.Tensor | None = None,
                        clip_image: Image.Image | None = None, keyframe_motion: str | None = None) -> None:
         """Take a new reference portrait (any size, RGB); starts a new stream.
@@ -193,6 +193,11 @@ class StreamEngine:
         """
         if keyframe_motion not in (None, "leaving", "entering"):
             raise ValueError(f"keyframe_motion={keyframe_motion!r}; use 'leaving' or 'entering'")
+        with self.grad_mode():
+            self._fuse(image, face, clip_image, keyframe_motion)
+
+    def _fuse(self, image: Image.Image, face: torch.Tensor | None, clip_image: Image.Image | None,
+              keyframe_motion: str | None) -> None:
         self.reset()
         m, cfg = self.models, self.cfg
         image = image.convert("RGB")
@@ -221,12 +226,13 @@ class StreamEngine:
         self.models.reference_unet(latents.to(self.dtype), t, encoder_hidden_states=clip, return_dict=False)
 
     # ----------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self, frames: torch.Tensor, faces: torch.Tensor | None = None,
              motion_input: torch.Tensor | None = None) -> torch.Tensor:
         """Animate one micro-chunk.
 
-        Frames are resized and cropped in float32 and cast to the models' dtype afterwards, as officially.
+        Frames are resized and cropped in float32 and cast to the models' dtype afterwards, as officially. It runs
+        under `torch.inference_mode` (as does `fuse_reference`): the stream state holds inference tensors, to read
+        but not to update in place or to use in autograd outside it; the returned frames are ordinary tensors.
 
         Args:
             frames: (w, 3, H, W) float32 driving frames in [-1, 1], H x W = the config's height x width.
@@ -237,6 +243,12 @@ class StreamEngine:
             (w, H, W, 3) float32 frames in [0, 1] on the CPU: the chunk given `chunks - 1` steps ago (the first
             steps return the ramp from the reference pose to the first driving pose).
         """
+        with self.grad_mode():
+            out = self._step(frames, faces, motion_input)
+        return out.clone()  # an ordinary tensor: the caller may change it in place (inference tensors refuse)
+
+    def _step(self, frames: torch.Tensor, faces: torch.Tensor | None,
+              motion_input: torch.Tensor | None) -> torch.Tensor:
         state, m, w = self.state, self.models, self.window
         if state is None:
             raise RuntimeError("fuse_reference() must run before step()")
