@@ -7,6 +7,7 @@ steps and integer quantities (face boxes, canvases) exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -112,6 +113,19 @@ def record_keyframes(engine: StreamEngine) -> list[int]:
     return steps
 
 
+@contextlib.contextmanager
+def drawn_keypoints():
+    """Every posed keypoint set the engine draws on a pose canvas, in call order (sub-pixel changes to the motion
+    extractor's input show here before they move a drawn disc)."""
+    drawn, draw = [], kp.draw_keypoints
+    kp.draw_keypoints = lambda kps, *args, **kwargs: drawn.append(kps.detach().float().clone()) or draw(kps, *args,
+                                                                                                       **kwargs)
+    try:
+        yield drawn
+    finally:
+        kp.draw_keypoints = draw
+
+
 def reference_image() -> Image.Image:
     return Image.open(common.reference_path()).convert("RGB")
 
@@ -170,14 +184,16 @@ def online_run(fidelity_models, fidelity_cfg, official):
     engine.fuse_reference(reference_image())
     frames = common.to_model(common.upsample(common.driving_clip(common.ONLINE_FRAMES)))
     outputs, motion = [], []
-    for start in range(0, len(frames), engine.window):
-        outputs.append(engine.step(frames[start : start + engine.window]))
-        motion.append(engine.state.motion[0, -engine.window :].clone())  # the new chunk's motion tokens
-    return torch.cat(outputs).numpy(), torch.stack(motion), keyframes
+    with drawn_keypoints() as drawn:
+        for start in range(0, len(frames), engine.window):
+            outputs.append(engine.step(frames[start : start + engine.window]))
+            motion.append(engine.state.motion[0, -engine.window :].clone())  # the new chunk's motion tokens
+    return torch.cat(outputs).numpy(), torch.stack(motion), keyframes, torch.cat(drawn)
 
 
 def test_online_engine_matches_the_official_online_wrapper(online_run, official):
-    frames, motion, _ = online_run
+    frames, motion, _, keypoints = online_run
+    assert_close(official, "online/keypoints", keypoints)
     assert_frames_close(official, "online", frames)
     assert_close(official, "online/motion", motion)
 
@@ -198,15 +214,17 @@ def offline_run(fidelity_models, fidelity_cfg, official):
     with face_cropper("mediapipe") as cropper:
         image, ref_face = prepare_reference(common.reference_path(), cropper, crop)
         faces = DrivingFaces(cropper, crop, "carphone")
-        pairs = list(animate_frames(engine, image, ref_face, frames, faces))
+        with drawn_keypoints() as drawn:
+            pairs = list(animate_frames(engine, image, ref_face, frames, faces))
         boxes = [cropper.box(np.asarray(image))] + [cropper.box(frame) for frame in frames]
     crop_sizes = np.array([(y2 - y1, x2 - x1) for x1, y1, x2, y2 in boxes])
-    return np.stack([frame for _, frame in pairs]), keyframes, crop_sizes
+    return np.stack([frame for _, frame in pairs]), keyframes, crop_sizes, torch.cat(drawn)
 
 
 def test_offline_driver_matches_the_official_offline_script(offline_run, official):
-    frames, keyframes, crop_sizes = offline_run
+    frames, keyframes, crop_sizes, keypoints = offline_run
     np.testing.assert_array_equal(crop_sizes, official["offline/crop_sizes"])  # the MediaPipe face boxes
+    assert_close(official, "offline/keypoints", keypoints)
     expected = official["offline/keyframe_steps"].tolist()
     tested = official["offline/distances"][: expected[-1] - expected[0] + 1]  # the tests up to the cap
     assert len(expected) == 3 and (tested <= official["meta"]["offline_threshold"]).any()  # some refused; the cap

@@ -59,6 +59,7 @@ class Recorder:
         self.arrays: dict[str, np.ndarray] = {}
         self.noise = common.FrameNoise()
         self.distances: list[float] = []  # min motion distance of each keyframe test
+        self.keypoints: list[torch.Tensor] = []  # every posed keypoint set drawn on a pose canvas, in call order
         sys.path.insert(0, str(official))
         unet = json.loads((weights / "sd-image-variations-diffusers/unet/config.json").read_text())
         self.pose_width = unet["block_out_channels"][0]
@@ -83,6 +84,15 @@ class Recorder:
                 setattr(cls, name, functools.partialmethod(original, dtype=torch.float32))
 
         recorder = self
+
+        def draw_keypoints(original):
+            def draw(keypoints, *args, **kwargs):
+                recorder.keypoints.append(keypoints.detach().float().cpu().clone())
+                return original(keypoints, *args, **kwargs)
+            return draw
+
+        wrapper.draw_keypoints = draw_keypoints(wrapper.draw_keypoints)
+        p2v.draw_keypoints = draw_keypoints(p2v.draw_keypoints)
 
         def threshold(original, limit):
             def calculate_dis(self, bank, new, threshold=None):
@@ -130,6 +140,7 @@ class Recorder:
         model.motion_encoder.register_forward_hook(lambda m, i, out: tokens.append(out[0, -4:].clone()))
         self.noise.reset()
         self.distances.clear()
+        self.keypoints.clear()
         model.fuse_reference(Image.open(common.reference_path()).convert("RGB"))
         outputs, keyframes = [], []
         for step in range(common.ONLINE_FRAMES // 4):
@@ -143,6 +154,7 @@ class Recorder:
         self.put("online/motion", torch.stack(tokens))  # (steps, 4, m, d)
         self.put("online/keyframe_steps", np.array(keyframes, dtype=np.int64))
         self.put("online/distances", np.array(self.distances, dtype=np.float32))
+        self.put("online/keypoints", torch.cat(self.keypoints))  # (frames drawn, K, 3): the motion input's effect
         print(f"online: keyframes at steps {keyframes}; distances {np.round(self.distances, 3).tolist()}")
         self.components(model)
 
@@ -172,6 +184,7 @@ class Recorder:
         keyframe_steps: list[int] = []  # steps whose keyframe joined the bank
         self.noise.reset()
         self.distances.clear()
+        self.keypoints.clear()
         args = SimpleNamespace(config=str(config), name="fidelity", W=512, H=512, L=common.OFFLINE_FRAMES, seed=42,
                                device="cpu", use_xformers=False, stream_gen=True,
                                reference_image=str(common.reference_path()), driving_video="driving.mp4")
@@ -205,6 +218,7 @@ class Recorder:
         self.put("offline/means", summary["means"])
         self.put("offline/keyframe_steps", np.array(keyframe_steps, dtype=np.int64))
         self.put("offline/distances", np.array(self.distances, dtype=np.float32))
+        self.put("offline/keypoints", torch.cat(self.keypoints))
         self.put("offline/crop_sizes", np.array([c.shape[:2] for c in crops], dtype=np.int64))  # reference first
         print(f"offline: {frames.shape[0]} frames; keyframes at steps {keyframe_steps}; "
               f"distances {np.round(self.distances, 3).tolist()}")
