@@ -57,7 +57,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderTiny
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from personalive.cli import add_common_arguments, run
 from personalive.config import load_config
@@ -65,9 +67,14 @@ from personalive.errors import PersonaLiveError
 from personalive.io.images import fit_frame, frames_to_tensor, load_image
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader
-from personalive.models.attention_processors import set_attention_savings
+from personalive.models.attention_processors import (
+    ReferenceBank,
+    install_reference_attention,
+    set_attention_savings,
+)
 from personalive.pipelines.build import build_engine
 from personalive.pipelines.offline import ACCELERATIONS, set_acceleration
+from personalive.weights import build_models, network_configs
 
 logger = logging.getLogger("benchmark")
 
@@ -218,6 +225,73 @@ def use_savings(engine, on: bool) -> None:
     engine.grad_mode = torch.inference_mode if on else torch.no_grad
 
 
+def network_configs_in(folder: Path) -> dict[str, dict]:
+    """The UNet, VAE and CLIP `config.json`s of a weights folder, or of a folder of configs/weights/<size>/."""
+    if (folder / "unet.json").is_file():
+        return {name: json.loads((folder / f"{name}.json").read_text()) for name in ("unet", "vae", "image_encoder")}
+    return network_configs(folder)
+
+
+def stage_flops(cfg, configs: dict[str, dict]) -> dict:
+    """TFLOP per output frame of each stage of a step at the config's size, counted on the meta device (no
+    memory, no weights), and what the options remove: the exact attention savings, the tiny VAE decoder."""
+    with torch.device("meta"):
+        models = build_models(cfg, configs).eval()
+        tiny_vae = AutoencoderTiny().eval().requires_grad_(False)  # TAESD's architecture
+    bank = ReferenceBank(cfg.max_keyframes)
+    install_reference_attention(models.reference_unet, models.denoising_unet, bank, cfg.attention)
+    w, frames = cfg.temporal_window_size, cfg.temporal_window_size * cfg.temporal_adaptive_step
+    h, hw = cfg.height // 8, cfg.width // 8
+    size, side = models.motion_extractor.config.input_size, models.motion_encoder.config.image_size
+    clip = torch.zeros(1, 1, configs["image_encoder"]["projection_dim"], device="meta")
+
+    def tflop(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e12
+
+    models.reference_unet(torch.zeros(1, 4, h, hw, device="meta"), torch.zeros(1, device="meta"), clip)
+    bank.set_reference()
+    tokens = models.motion_encoder(torch.zeros(1, 3, 1, side, side, device="meta"))  # (1, 1, m, d)
+    pose = models.pose_guider(torch.zeros(1, 3, 1, cfg.height, cfg.width, device="meta"))  # (1, c0, 1, h, w)
+    unet_args = (torch.zeros(1, 4, frames, h, hw, device="meta"), torch.zeros(frames, device="meta"), clip,
+                 tokens.expand(-1, frames, -1, -1), pose.expand(-1, -1, frames, -1, -1))
+
+    def unet(savings: bool) -> float:
+        set_attention_savings(models.denoising_unet, savings)
+        models.denoising_unet(*unet_args)  # fills the projection cache
+        return tflop(lambda: models.denoising_unet(*unet_args))
+
+    latents = torch.zeros(w, 4, h, hw, device="meta")
+    per_step = {
+        "motion_extraction": tflop(lambda: models.motion_extractor(torch.zeros(w, 3, size, size, device="meta"))),
+        "motion_encoding": tflop(lambda: models.motion_encoder(torch.zeros(1, 3, w, side, side, device="meta"))),
+        "pose_guider": tflop(lambda: models.pose_guider(torch.zeros(1, 3, w, cfg.height, cfg.width, device="meta"))),
+        "unet": unet(True),
+        "vae_decode": tflop(lambda: models.vae.decode(latents)),
+    }
+    removed = {"exact_attention_savings": unet(False) - per_step["unet"],
+               "vae_decoder=tiny": per_step["vae_decode"] - tflop(lambda: tiny_vae.decode(latents))}
+    return {"tflop_per_frame": {k: v / w for k, v in per_step.items()},
+            "total_tflop_per_frame": sum(per_step.values()) / w,
+            "removed_tflop_per_frame": {k: v / w for k, v in removed.items()}}
+
+
+def split_label(label: str, savings: str) -> tuple[str, str, str]:
+    """A timed variant's label "acceleration[:savings[:config overrides]]" -> its three parts."""
+    name, found, variant = (label.split(":", 2) + ["", ""])[:3]
+    return name, found or savings, variant
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    else:
+        print(text)
+
+
 def summary(r: dict) -> str:
     mem = r["memory"]
     lines = [
@@ -246,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--savings", default="after",
                         help="after (the engine as it is), before (without its exact savings), or before,after to "
                              "compare them in alternating rounds (one --acceleration only)")
+    parser.add_argument("--compare", metavar="A,B",
+                        help="config variants to time in alternating rounds, comma-separated, each one override or "
+                             "several joined by '+', e.g. channels_last=false,channels_last=true")
+    parser.add_argument("--flops", nargs="?", type=Path, const=True, metavar="DIR",
+                        help="print TFLOP per output frame per stage instead of timing (meta device, no weights "
+                             "needed): the networks' sizes from the config's weights_dir, or from DIR (a weights "
+                             "folder or configs/weights/<size>)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--official", type=Path,
                         help="a checkout of the official code: its online wrapper's step is timed too, in alternating "
@@ -267,18 +348,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    compare = args.compare.split(",") if args.compare else [""]
+    if len(set(compare)) < len(compare) or (len(compare) > 1 and (len(backends) > 1 or len(savings) > 1)):
+        parser.error(f"--compare {args.compare}: give distinct variants (with one --acceleration and --savings)")
     if len(savings) > 1:  # the variants compared are the savings settings of one backend
         backends = [f"{backends[0]}:{v}" for v in savings]
+    elif len(compare) > 1:  # ... or config variants
+        backends = [f"{backends[0]}:{savings[0]}:{v}" for v in compare]
+
+    def flops_job() -> None:
+        cfg = load_config(args.config, args.overrides)
+        folder = Path(cfg.weights_dir) if args.flops is True else args.flops
+        result = {"config": str(args.config), "networks": str(folder), "height": cfg.height, "width": cfg.width,
+                  **stage_flops(cfg, network_configs_in(folder))}
+        print("TFLOP per output frame: " + ", ".join(f"{k} {v:.3f}" for k, v in result["tflop_per_frame"].items())
+              + f"; total {result['total_tflop_per_frame']:.3f}; removed by "
+              + ", ".join(f"{k} {v:.3f}" for k, v in result["removed_tflop_per_frame"].items()), file=sys.stderr)
+        write_json(result, args.json)
 
     def job() -> None:
-        engines, step_fns = {}, {}  # one engine per attention kind; the step backends share its models
+        engines, step_fns = {}, {}  # one engine per attention kind and variant; step backends share its models
         for backend in backends:
-            name = backend.split(":")[0]
+            name, _, variant = split_label(backend, savings[0])
             cfg = load_config(args.config, [f"device={args.device}"] * bool(args.device) + args.overrides
-                              + ["attention=xformers"] * (name == "xformers"))
-            if cfg.attention not in engines:
-                engines[cfg.attention] = build_engine(cfg)
-            engine = engines[cfg.attention]
+                              + ["attention=xformers"] * (name == "xformers") + [v for v in variant.split("+") if v])
+            if (cfg.attention, variant) not in engines:
+                engines[cfg.attention, variant] = build_engine(cfg)
+            engine = engines[cfg.attention, variant]
             set_acceleration(engine, cfg, name)
             step_fns[backend] = (engine, engine.step_fn)
             engine.step_fn = None
@@ -290,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 official.append(time_official(args, cfg.weights_dir, -(-args.frames // cfg.temporal_window_size)))
             for backend in backends:
                 engine, engine.step_fn = step_fns[backend]
-                use_savings(engine, (backend.split(":")[1:] or savings)[0] == "after")
+                use_savings(engine, split_label(backend, savings[0])[1] == "after")
                 logger.info("round %d: %s", r + 1, backend)
                 rounds[backend].append(benchmark(engine, args.frames, args.warmup))
         runs = {}
@@ -299,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = step_fns[backend][0]
             runs[backend] = {"config": str(args.config), "device": str(engine.device),
                              "dtype": str(engine.dtype).split(".")[-1], "acceleration": backend.split(":")[0],
-                             "savings": (backend.split(":")[1:] or savings)[0],
+                             "savings": split_label(backend, savings[0])[1], "variant": split_label(backend, "")[2],
                              "torch_threads": torch.get_num_threads(), **median}
             print(f"--- {backend}" + (f" (median of {len(results)} rounds)" if len(results) > 1 else ""),
                   file=sys.stderr)
@@ -325,14 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             print("speed-up per step vs the official online wrapper: "
                   + ", ".join(f"{b} {v:.2f}x" for b, v in ours.items()), file=sys.stderr)
             result["official"] = {"rounds": official, "speedup_vs_official": ours}
-        text = json.dumps(result, indent=2)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
-        else:
-            print(text)
+        write_json(result, args.json)
 
-    return run(job, args.log_level)
+    return run(flops_job if args.flops else job, args.log_level)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def fidelity_cfg(tmp_path_factory, official):
 @pytest.fixture(scope="session")
 def fidelity_models(fidelity_cfg):
     torch.manual_seed(0)
-    return load_models(fidelity_cfg, "cpu", torch.float32)
+    models = load_models(fidelity_cfg, "cpu", torch.float32)
+    return models.channels_last() if fidelity_cfg.channels_last else models  # as build_engine
 
 
 def assert_close(official: dict, name: str, ours, rtol: float = COMPONENT_RTOL) -> None:

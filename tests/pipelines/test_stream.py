@@ -1,5 +1,7 @@
 """The streaming engine on tiny random weights: shapes, determinism, noise order, keyframes, bounded state."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,16 @@ def test_half_precision_resizes_and_crops_in_float32_then_casts(tiny_cfg, refere
     assert torch.equal(seen["extractor"], expected.to(torch.bfloat16))
     faces = kp.crop_faces(chunks[1], boxes[-1], crop).to(torch.bfloat16)  # (4, 3, s, s)
     assert torch.equal(seen["encoder"], faces.permute(1, 0, 2, 3).unsqueeze(0))
+
+
+def test_channels_last_engine_gives_the_same_frames(tiny_cfg, reference):
+    from personalive.pipelines.build import build_engine
+
+    chunks = driving(5)
+    contiguous = build_engine(dataclasses.replace(tiny_cfg, channels_last=False), "cpu")
+    engine = build_engine(dataclasses.replace(tiny_cfg, channels_last=True), "cpu")
+    conv = engine.models.denoising_unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert contiguous.models.denoising_unet.conv_in.weight.is_contiguous()
+    # float rounding only: other convolution kernels sum in another order (the official-fixture frame tolerance)
+    torch.testing.assert_close(run(engine, reference, chunks), run(contiguous, reference, chunks), rtol=0, atol=1e-4)

@@ -63,3 +63,29 @@ def test_savings_compared_in_one_run(tmp_path, tiny_weights):
     assert set(result["backends"]) == {"none:before", "none:after"}
     assert [result["backends"][b]["savings"] for b in ("none:before", "none:after")] == ["before", "after"]
     assert result["speedup"]["none:before"] == 1.0 and result["stage_speedup"]["none:after"]["unet"] > 0
+
+
+def test_config_variants_compared_in_one_run(tmp_path, tiny_weights):
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "4",
+            "--warmup", "0", "--rounds", "1", "--compare", "channels_last=false,channels_last=true+seed=3",
+            "--json", str(out), "--log-level", "WARNING"]
+    assert run_tool("benchmark", argv) == 0
+    result = json.loads(out.read_text())
+    labels = ["none:after:channels_last=false", "none:after:channels_last=true+seed=3"]
+    assert list(result["backends"]) == labels
+    assert [result["backends"][b]["variant"] for b in labels] == ["channels_last=false", "channels_last=true+seed=3"]
+    assert result["speedup"][labels[0]] == 1.0
+
+
+def test_flops_per_stage_on_the_meta_device(tmp_path, capsys):
+    out = tmp_path / "flops.json"
+    argv = ["--config", str(ROOT / "configs/prompts/personalive_online.yaml"), "--flops",
+            str(ROOT / "configs/weights/full"), "--json", str(out), "--log-level", "WARNING"]
+    assert run_tool("benchmark", argv) == 0
+    result = json.loads(out.read_text())
+    stages = result["tflop_per_frame"]
+    assert set(stages) == {"motion_extraction", "motion_encoding", "pose_guider", "unet", "vae_decode"}
+    assert 5 < stages["unet"] < 7 and 2 < stages["vae_decode"] < 3  # SD-size UNet on 16 frames, SD VAE at 512
+    assert 0 < result["removed_tflop_per_frame"]["exact_attention_savings"] < stages["unet"]
+    assert "TFLOP per output frame" in capsys.readouterr().err

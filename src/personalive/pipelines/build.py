@@ -48,4 +48,6 @@ def build_engine(cfg: PersonaLiveConfig, device: str | torch.device | None = Non
     device = resolve_device(str(device or cfg.device))
     check_attention(cfg, device)
     models = load_models(cfg, device, resolve_dtype(cfg, device))
+    if cfg.channels_last:
+        models.channels_last()
     return StreamEngine(models, cfg, noise_fn=noise_fn)
