@@ -18,7 +18,8 @@ LIMITS = Limits(max_upload_bytes=10_000, max_json_bytes=5_000, max_pixels=1_000_
 
 
 class StubApp:
-    """Answers 200 with the body's length; records every request it saw."""
+    """Answers 200 with the body's length (as gradio: a queue/join with a new event id, an upload with the path of
+    its file); records every request."""
 
     def __init__(self):
         self.seen = []
@@ -32,6 +33,10 @@ class StubApp:
                 break
         self.seen.append(scope["path"])
         body = str(size).encode()
+        if scope["path"] == f"{API}/queue/join":
+            body = b'{"event_id": "event%d"}' % len(self.seen)
+        elif scope["path"] == f"{API}/upload":
+            body = b'["/tmp/gradio/%d/portrait.png"]' % len(self.seen)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
 
@@ -101,16 +106,17 @@ def test_a_session_belongs_to_the_browser_that_used_it_first(app):
     assert stub.seen == []  # none of it reached the page
     assert TestClient(middleware).get(f"{API}/heartbeat/victim").status_code == 403  # no cookie: a new browser
     assert mine.get(f"{API}/queue/data", params={"session_hash": "victim"}).status_code == 200
-    for bad in ("", "x" * 65, "../etc", "a b", "ü"):
+    for bad in ("", "x" * 65, "../etc", "a b", "ü"):  # not a session id
         assert join(mine, bad).status_code == 400
     assert join(mine, None).status_code == 422  # the session id is not a string
 
 
 def test_event_inputs_must_fit_the_handler(app):
     _, _, middleware = app
-    client = browser(middleware)
+    client, other = browser(middleware), browser(middleware)
     frame = {"url": as_data_url(png_header(64, 48))}
-    file = {"path": "/tmp/x.png", "meta": {"_type": "gradio.FileData"}}
+    path = client.post(f"{API}/upload", files={"files": ("portrait.png", b"x")}).json()[0]
+    file = {"path": path, "meta": {"_type": "gradio.FileData"}}
     good = [(0, [frame, 1.7e12]), (0, [None, None]), (1, [12.5]), (2, [file]), (3, [])]
     for fn, data in good:
         assert join(client, "page1", data, fn).status_code == 200, (fn, data)
@@ -120,6 +126,9 @@ def test_event_inputs_must_fit_the_handler(app):
     for fn, data in bad:
         response = join(client, "page1", data, fn)
         assert response.status_code == 422 and "\n" not in response.json()["detail"], (fn, data, response.text)
+    for page, path in ((client, "/etc/passwd"), (client, "../../etc/passwd"), (other, file["path"])):
+        response = join(page, "page1" if page is client else "page2", [{**file, "path": path}], 2)
+        assert response.status_code == 403 and "not a file this page uploaded" in response.json()["detail"]
     assert join(client, "page1", fn=3, data="x").status_code == 422  # data must be a list
     assert client.post(f"{API}/queue/join", json=[1, 2]).status_code == 422  # not an object
 
@@ -199,3 +208,19 @@ def test_uploaded_files_are_checked_from_their_headers(tmp_path):
     with pytest.raises(VideoReadError, match="wide.mp4 has frames of 96x64 pixels, above the server's limit"):
         guard.check_video_file(video, Limits(max_pixels=96 * 64 - 1))
     guard.check_video_file(tmp_path / "notes.png", limits)  # not a video: the reader says so
+
+
+def test_an_event_answers_only_to_the_browser_whose_page_started_it(app):
+    _, _, middleware = app
+    mine, theirs = browser(middleware), browser(middleware)
+    event = join(mine, "victim").json()["event_id"]  # the victim's webcam stream, say
+    join(theirs, "attacker")
+    frame = {"data": [None, None], "fn_index": 0, "event_data": None}
+    for path, body in ((f"{API}/stream/{event}", {**frame, "session_hash": "attacker"}),
+                       (f"{API}/stream/{event}/close", None),
+                       (f"{API}/cancel", {"session_hash": "attacker", "fn_index": 0, "event_id": event})):
+        response = theirs.post(path, json=body)
+        assert response.status_code == 403, (path, response.text)
+        assert response.json() == {"detail": "this event belongs to another page; reload the page"}
+        assert mine.post(path, json=body and {**body, "session_hash": "victim"}).status_code == 200
+    assert theirs.post(f"{API}/stream/not-an-event", json={**frame, "session_hash": "attacker"}).status_code == 404

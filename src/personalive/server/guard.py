@@ -7,10 +7,14 @@ line), before any of gradio's parsing, queueing or decoding:
   refused from its Content-Length, or as soon as that many bytes have arrived (413);
 - **session ids**: every browser gets a random cookie with its first request, and a gradio session id (the page's
   `session_hash`, in the body, the query or the heartbeat path) belongs to the cookie that used it first; a request
-  that names another browser's session is refused (403), so no page can see or control another page's stream;
+  that names another browser's session is refused (403), and so is one that names an event (a webcam stream, a
+  running handler: `stream/<event>`, `cancel`) of another browser's page, so no page can see or control another
+  page's stream;
   session ids are short words (400 otherwise), and one address opens at most NEW_SESSIONS_BURST new ones at once
   (then one a second; 429 otherwise), which bounds what a flood of made-up ids costs. `Pages` also tells whether a
   page is still connected, so that the server can close the session of a page that vanished without saying so;
+- **files**: a file input must name a file this browser uploaded (403 otherwise), never another page's upload or
+  a path on the server;
 - **events**: a page starts at most EVENTS_BURST events (`queue/join`) at once, then EVENTS_PER_S (429 otherwise):
   gradio keeps every started webcam stream open until the page closes;
 - **images inside requests** (the webcam's frames travel as `data:` URLs): refused when they are not an image or
@@ -32,7 +36,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -95,6 +99,8 @@ class Pages:
     def __init__(self, capacity: int = MAX_OWNERS, burst: int = NEW_SESSIONS_BURST, rate: float = NEW_SESSIONS_PER_S):
         self.capacity, self.burst, self.rate = capacity, burst, rate
         self._pages: OrderedDict[str, _Page] = OrderedDict()
+        self._events: OrderedDict[str, str] = OrderedDict()  # event id -> the session that started it
+        self._uploads: OrderedDict[str, str] = OrderedDict()  # uploaded file's server path -> the browser's cookie
         self._budget: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, when)
         self._lock = threading.Lock()
 
@@ -141,6 +147,41 @@ class Pages:
                 raise Refused(429, "too many calls from this page; slow down")
             page.events -= 1
             page.joined = True
+
+    def add_upload(self, path: str, client: str) -> None:
+        """`client` uploaded the file now at `path` (from gradio's answer to /upload)."""
+        with self._lock:
+            self._uploads[path] = client
+            while len(self._uploads) > self.capacity:
+                self._uploads.popitem(last=False)
+
+    def uploaded(self, path: str, client: str) -> bool:
+        """Whether `client` uploaded the file at `path`: a page hands the server only its own uploads."""
+        with self._lock:
+            return self._uploads.get(path) == client
+
+    def add_event(self, event: str, session: str) -> None:
+        """`session` started `event` (gradio's event id, from its answer to queue/join)."""
+        with self._lock:
+            self._events[event] = session
+            while len(self._events) > self.capacity:
+                self._events.popitem(last=False)
+
+    def check_event(self, event: str, client: str) -> None:
+        """`client` may send to, close or cancel `event` only if its own page started it.
+
+        Raises:
+            Refused: 404 an event the guard never saw start; 403 another browser's event.
+        """
+        with self._lock:
+            session = self._events.get(event)
+            page = self._pages.get(session) if session is not None else None
+            if session is not None:
+                self._events.move_to_end(event)  # a live webcam stream is never the oldest forgotten
+        if session is None:
+            raise Refused(404, "no such event; reload the page")
+        if page is None or page.owner != client:
+            raise Refused(403, "this event belongs to another page; reload the page")
 
     def joined(self, session: str) -> bool:
         """Whether `session` started an event (only then may it read its queue-data stream)."""
@@ -282,17 +323,20 @@ INPUT_KINDS = {
 }
 
 
-def check_inputs(data: list, kinds: tuple[str, ...]) -> None:
-    """An event's inputs against the kinds its handler takes (INPUT_KINDS); None is an empty input.
+def check_inputs(data: list, kinds: tuple[str, ...], uploaded: Callable[[str], bool] = lambda path: True) -> None:
+    """An event's inputs against the kinds its handler takes (INPUT_KINDS); None is an empty input. A file input
+    must name a file that `uploaded` says this page uploaded.
 
     Raises:
-        Refused: 422 naming the first input that does not fit.
+        Refused: 422 naming the first input that does not fit; 403 a file the page did not upload.
     """
     if len(data) != len(kinds):
         raise Refused(422, f"this event takes {len(kinds)} inputs, got {len(data)}")
     for i, (value, kind) in enumerate(zip(data, kinds, strict=True)):
         if value is not None and not INPUT_KINDS[kind](value):
             raise Refused(422, f"input {i} must be a {kind}")
+        if _is_file(value) and not uploaded(value["path"]):
+            raise Refused(403, f"input {i} is not a file this page uploaded; upload it first")
 
 
 def _session_ids(path: str, query: dict[str, list[str]], body: Any) -> list[str]:
@@ -340,6 +384,10 @@ class RequestGuard:
             await self._refuse(send, e)
             return
         path = scope["path"]
+        if sessions and path.startswith(f"{API}/queue/join"):
+            send = self._recording(send, lambda answer: self._add_event(answer, sessions[0]))
+        elif path.startswith(f"{API}/upload") and scope["method"] == "POST":
+            send = self._recording(send, lambda answer: self._add_uploads(answer, client))
         long = sessions and scope["method"] == "GET" and path.startswith((f"{API}/heartbeat/", f"{API}/queue/data"))
         if long:
             self.pages.connect(sessions[0])
@@ -399,20 +447,24 @@ class RequestGuard:
             receive = self._capped(receive, limit)
         if path.startswith(f"{API}/queue/join") or (path.startswith(f"{API}/stream/") and method == "POST"
                                                     and not path.endswith("/close")):
-            self._check_call(body)
+            self._check_call(body, client)
         sessions = _session_ids(path, query, body)
         address = (scope.get("client") or ("", 0))[0]
         for sid in sessions:
             self.pages.claim(sid, client, address)
         if sessions and path.startswith(f"{API}/queue/join"):
             self.pages.start_event(sessions[0])
+        if method == "POST" and path.startswith(f"{API}/stream/"):  # a webcam frame, or the end of the stream
+            self.pages.check_event(path.removeprefix(f"{API}/stream/").removesuffix("/close"), client)
+        if path.startswith(f"{API}/cancel") and isinstance(body, dict) and isinstance(body.get("event_id"), str):
+            self.pages.check_event(body["event_id"], client)  # gradio cancels an event by its id alone
         if path.startswith(f"{API}/queue/data") and not (sessions and self.pages.joined(sessions[0])):
             raise Refused(404, "this session has no events; reload the page")  # (gradio fails on it mid-stream)
         if body is not None:
             check_data_urls(body.get("data") if isinstance(body, dict) else body, self.limits)
         return receive, sessions
 
-    def _check_call(self, body: Any) -> None:
+    def _check_call(self, body: Any, client: str) -> None:
         """The shape gradio assumes of an event's body (queue/join, a webcam stream's next frame)."""
         if not isinstance(body, dict):
             raise Refused(422, "the body must be a JSON object")
@@ -422,7 +474,36 @@ class RequestGuard:
         if not isinstance(body.get("data", []), list) or not isinstance(body.get("session_hash"), str):
             raise Refused(422, "data must be a list and session_hash a string")
         if self.signatures is not None:
-            check_inputs(body.get("data", []), self.signatures[fn])
+            check_inputs(body.get("data", []), self.signatures[fn], lambda path: self.pages.uploaded(path, client))
+
+    def _add_event(self, answer: Any, session: str) -> None:
+        if isinstance(answer, dict) and isinstance(answer.get("event_id"), str):
+            self.pages.add_event(answer["event_id"], session)
+
+    def _add_uploads(self, answer: Any, client: str) -> None:
+        for path in answer if isinstance(answer, list) else []:
+            if isinstance(path, str):
+                self.pages.add_upload(path, client)
+
+    @staticmethod
+    def _recording(send: Any, record: Callable[[Any], None]) -> Any:
+        """`send` that also hands a successful JSON answer (a queue/join's event id, an upload's paths) to `record`."""
+        status, chunks = 0, []
+
+        async def send_recording(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status == 200:
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    try:
+                        record(json.loads(b"".join(chunks)))
+                    except ValueError:
+                        pass  # not JSON: nothing to record
+            await send(message)
+
+        return send_recording
 
     @staticmethod
     async def _read(receive: Any, limit: int) -> bytes:
