@@ -120,9 +120,7 @@ class Pages:
                 if tokens < 1:
                     self._budget[address] = (tokens, now)
                     raise Refused(429, "too many new pages from this address; wait a minute")
-                self._budget[address] = (tokens - 1, now)
-                while len(self._budget) > self.capacity:
-                    self._budget.popitem(last=False)
+                self._remember(self._budget, address, (tokens - 1, now))
                 page = self._pages[session] = _Page(client, changed=now)
             self._pages.move_to_end(session)
             while len(self._pages) > self.capacity:
@@ -148,12 +146,17 @@ class Pages:
             page.events -= 1
             page.joined = True
 
+    def _remember(self, table: OrderedDict, key: str, value: Any) -> None:
+        """table[key] = value as its newest entry, the oldest forgotten beyond `capacity` (the lock held)."""
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.capacity:
+            table.popitem(last=False)
+
     def add_upload(self, path: str, client: str) -> None:
         """`client` uploaded the file now at `path` (from gradio's answer to /upload)."""
         with self._lock:
-            self._uploads[path] = client
-            while len(self._uploads) > self.capacity:
-                self._uploads.popitem(last=False)
+            self._remember(self._uploads, path, client)
 
     def uploaded(self, path: str, client: str) -> bool:
         """Whether `client` uploaded the file at `path`: a page hands the server only its own uploads."""
@@ -163,9 +166,7 @@ class Pages:
     def add_event(self, event: str, session: str) -> None:
         """`session` started `event` (gradio's event id, from its answer to queue/join)."""
         with self._lock:
-            self._events[event] = session
-            while len(self._events) > self.capacity:
-                self._events.popitem(last=False)
+            self._remember(self._events, event, session)
 
     def check_event(self, event: str, client: str) -> None:
         """`client` may send to, close or cancel `event` only if its own page started it.
