@@ -224,3 +224,13 @@ def test_an_event_answers_only_to_the_browser_whose_page_started_it(app):
         assert response.json() == {"detail": "this event belongs to another page; reload the page"}
         assert mine.post(path, json=body and {**body, "session_hash": "victim"}).status_code == 200
     assert theirs.post(f"{API}/stream/not-an-event", json={**frame, "session_hash": "attacker"}).status_code == 404
+
+
+def test_gradio_api_routes_the_page_never_calls_are_not_served(app):
+    stub, _, middleware = app
+    client = browser(middleware)
+    for method, path in (("POST", "run/predict"), ("POST", "api/on_stop"), ("POST", "call/on_stop"),
+                         ("GET", "call/player/event1"), ("POST", "call/v2/on_reset")):
+        response = client.request(method, f"{API}/{path}", json={"data": []})
+        assert response.status_code == 404 and "only client is its web page" in response.json()["detail"]
+    assert stub.seen == ["/"]

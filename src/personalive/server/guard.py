@@ -19,7 +19,9 @@ line), before any of gradio's parsing, queueing or decoding:
   gradio keeps every started webcam stream open until the page closes;
 - **images inside requests** (the webcam's frames travel as `data:` URLs): refused when they are not an image or
   their header claims more than `Limits.max_frame_pixels` pixels (413), so a decompression bomb is never decoded;
-- a body of the page's JSON endpoints that is not JSON (400).
+- a body of the page's JSON endpoints that is not JSON (400);
+- gradio's API routes that the page never calls (`run/`, `api/`, `call/`: 404): they would run the page's handlers
+  outside any page, and `call/<name>/<event>` reads any event's messages by its id alone.
 
 `check_image_file` and `check_video_file` do the same for uploaded files (a reference portrait, a driving video)
 from their headers, before the handlers decode them.
@@ -352,9 +354,11 @@ def _session_ids(path: str, query: dict[str, list[str]], body: Any) -> list[str]
     return ids
 
 
+UNUSED_ROUTES = (f"{API}/run/", f"{API}/api/", f"{API}/call/")  # gradio's API for scripts: the page never calls it
+
+
 def _json_endpoint(path: str) -> bool:
-    return path.startswith((f"{API}/queue/join", f"{API}/stream/", f"{API}/cancel", f"{API}/run/", f"{API}/api/",
-                            f"{API}/call/", f"{API}/reset"))
+    return path.startswith((f"{API}/queue/join", f"{API}/stream/", f"{API}/cancel", f"{API}/reset"))
 
 
 class RequestGuard:
@@ -426,6 +430,8 @@ class RequestGuard:
         """Raise Refused, or return the `receive` the app reads the (already read) body from, and the session ids
         the request names."""
         path, method = scope["path"], scope["method"]
+        if path.startswith(UNUSED_ROUTES):
+            raise Refused(404, "not served: this server's only client is its web page")
         limit = (self.limits.max_upload_bytes + MULTIPART_SLACK if path.startswith(f"{API}/upload")
                  else self.limits.max_json_bytes)
         headers = dict(scope.get("headers", []))
