@@ -126,3 +126,13 @@ def test_a_page_that_vanished_without_its_heartbeat_is_closed(harness, monkeypat
     while harness.server.get(client.session) is not None and time.monotonic() < end:
         time.sleep(0.2)
     assert harness.server.get(client.session) is None
+
+
+def test_a_page_that_acts_before_its_player_starts_is_served(harness):
+    client = PageClient(harness.url).load()  # no player yet (a click right after the page loads, a busy server)
+    try:
+        assert "**Ready.**" in client.sample()
+        assert harness.server.get(client.session) is not None
+    finally:
+        client.close()
+        harness.server.close_session(client.session)  # (its unload runs with its heartbeat, which it never opened)

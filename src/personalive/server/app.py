@@ -85,10 +85,17 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
     players: dict[str, int] = {}  # session -> the player that serves it (a replayed page load takes over)
 
     def session(request: gr.Request):
-        """The tab's session, opened by its player; a request of a tab that is not open is a clean error."""
-        s = server.get(request.session_hash)
-        if s is None:
-            raise gr.Error(NOT_CONNECTED, print_exception=False)  # a clean answer, no traceback in the log
+        """The tab's session, opened by its player, or here when the page acts before its player has started; a
+        request of a tab that is closed or not connected is a clean error (no traceback in the log)."""
+        key = request.session_hash
+        s = server.get(key)
+        if s is None and (pages is None or pages.connected(key, time.monotonic(), PAGE_GONE_AFTER)):
+            try:
+                s = server.session(key)
+            except ServerBusyError as e:
+                raise gr.Error(f"Server full: {e}", print_exception=False) from e
+        if s is None or s.closed:
+            raise gr.Error(NOT_CONNECTED, print_exception=False)
         return s
 
     def on_webcam(frame: np.ndarray | None, captured: float | None, request: gr.Request) -> None:
