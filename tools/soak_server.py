@@ -102,7 +102,9 @@ def server_state(server: Any) -> dict:
 
 def usage(pid: int) -> dict:
     process = psutil.Process(pid)
-    return dict(rss_mb=process.memory_info().rss / 2**20, fds=process.num_fds(), threads=process.num_threads())
+    cpu = process.cpu_times()
+    return dict(rss_mb=process.memory_info().rss / 2**20, fds=process.num_fds(), threads=process.num_threads(),
+                cpu_s=round(cpu.user + cpu.system, 2))
 
 
 def free_port() -> int:
@@ -541,12 +543,14 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
     outcomes: dict[str, dict[str, int]] = {endpoint: {} for endpoint in makers}
     examples: list[str] = []
     quiet, attacked = [], []
-    rss_max, attack_s = rss_before, 0.0
+    rss_max, attack_s, server_cpu, client_cpu = rss_before, 0.0, 0.0, 0.0
+    me = psutil.Process()
     for r in range(rounds + 1):
         quiet.append(round(rate(victim, seconds), 2))
         if r == rounds:
             break
         shown, start = len(victim.shown), time.monotonic()
+        cpu_before, mine_before = harness.usage()["cpu_s"], sum(me.cpu_times()[:2])
         for endpoint, make in makers.items():
             for _ in range(calls // rounds + (r < calls % rounds)):
                 outcome = _attempt(rng.choice(make), endpoint)
@@ -556,6 +560,8 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
             rss_max = max(rss_max, harness.usage()["rss_mb"])
         took = time.monotonic() - start
         attack_s += took
+        server_cpu += harness.usage()["cpu_s"] - cpu_before
+        client_cpu += sum(me.cpu_times()[:2]) - mine_before
         attacked.append(round((len(victim.shown) - shown) / took, 2))
     for page in pages:
         page.close()
@@ -567,6 +573,8 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
     median_quiet, median_attacked = statistics.median(quiet), statistics.median(attacked)
     return dict(calls_per_endpoint=calls, endpoints=len(outcomes), calls=sum(sum(c.values()) for c in outcomes.values()),
                 bad_answers=bad, examples=examples, outcomes=outcomes, attack_s=round(attack_s, 1),
+                calls_per_s=round(sum(sum(c.values()) for c in outcomes.values()) / attack_s, 1),
+                cpu_s_during_attacks=dict(server=round(server_cpu, 1), attacking_client=round(client_cpu, 1)),
                 victim_fps=dict(quiet=quiet, attacked=attacked, median_quiet=median_quiet,
                                 median_attacked=median_attacked,
                                 attacked_over_quiet=round(median_attacked / median_quiet, 2) if median_quiet else None),

@@ -13,7 +13,7 @@ from personalive.server.client import as_data_url, jpeg_header, png_header
 from personalive.server.guard import EVENTS_BURST, Limits, Pages, Refused, RequestGuard, check_image_file
 
 API = "/gradio_api"
-SIGNATURES = {0: ("image", "time"), 1: ("number",), 2: ("file",), 3: ()}
+SIGNATURES = {0: ("image", "time"), 1: ("number",), 2: ("file",), 3: (), 4: ("number 1 30",)}
 LIMITS = Limits(max_upload_bytes=10_000, max_json_bytes=5_000, max_pixels=1_000_000, max_frame_pixels=100_000)
 
 
@@ -117,12 +117,12 @@ def test_event_inputs_must_fit_the_handler(app):
     frame = {"url": as_data_url(png_header(64, 48))}
     path = client.post(f"{API}/upload", files={"files": ("portrait.png", b"x")}).json()[0]
     file = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    good = [(0, [frame, 1.7e12]), (0, [None, None]), (1, [12.5]), (2, [file]), (3, [])]
+    good = [(0, [frame, 1.7e12]), (0, [None, None]), (1, [12.5]), (2, [file]), (3, []), (4, [1]), (4, [30.0])]
     for fn, data in good:
         assert join(client, "page1", data, fn).status_code == 200, (fn, data)
     bad = [(9, []), (-1, []), ("0", []), (True, []), (3, [1]), (1, []), (1, ["7"]), (1, [True]), (1, [1e308]),
            (1, [[1]]), (2, [{"path": "/etc/passwd"}]), (2, ["/etc/passwd"]), (0, [{"url": "http://x/y.png"}, 1.0]),
-           (0, [frame, "now"])]
+           (0, [frame, "now"]), (4, [0]), (4, [30.5]), (4, [-1e9])]
     for fn, data in bad:
         response = join(client, "page1", data, fn)
         assert response.status_code == 422 and "\n" not in response.json()["detail"], (fn, data, response.text)

@@ -258,7 +258,8 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
 
 
 def signatures(page: gr.Blocks) -> dict[int, tuple[str, ...]]:
-    """Each event handler of `page` (gradio's fn_index) -> the kind of each input, for the request guard."""
+    """Each event handler of `page` (gradio's fn_index) -> the kind of each input (guard.INPUT_KINDS, a slider
+    with its range), for the request guard."""
 
     def kind(component: gr.components.Component) -> str:
         if isinstance(component, gr.File | gr.Video):
@@ -267,7 +268,9 @@ def signatures(page: gr.Blocks) -> dict[int, tuple[str, ...]]:
             return "image"
         if isinstance(component, gr.Number) and not component.visible:
             return "time"  # the webcam frame's capture time
-        return "number" if isinstance(component, gr.Number | gr.Slider) else "any"
+        if isinstance(component, gr.Slider):
+            return f"number {component.minimum:g} {component.maximum:g}"  # gradio refuses others with a traceback
+        return "number" if isinstance(component, gr.Number) else "any"
 
     return {fn_id: tuple(kind(c) for c in fn.inputs) for fn_id, fn in page.fns.items()}
 

@@ -327,8 +327,8 @@ INPUT_KINDS = {
 
 
 def check_inputs(data: list, kinds: tuple[str, ...], uploaded: Callable[[str], bool] = lambda path: True) -> None:
-    """An event's inputs against the kinds its handler takes (INPUT_KINDS); None is an empty input. A file input
-    must name a file that `uploaded` says this page uploaded.
+    """An event's inputs against the kinds its handler takes (INPUT_KINDS, "number LOW HIGH" for a slider's range);
+    None is an empty input. A file input must name a file that `uploaded` says this page uploaded.
 
     Raises:
         Refused: 422 naming the first input that does not fit; 403 a file the page did not upload.
@@ -336,8 +336,11 @@ def check_inputs(data: list, kinds: tuple[str, ...], uploaded: Callable[[str], b
     if len(data) != len(kinds):
         raise Refused(422, f"this event takes {len(kinds)} inputs, got {len(data)}")
     for i, (value, kind) in enumerate(zip(data, kinds, strict=True)):
-        if value is not None and not INPUT_KINDS[kind](value):
-            raise Refused(422, f"input {i} must be a {kind}")
+        name, *bounds = kind.split()
+        if value is not None and not INPUT_KINDS[name](value):
+            raise Refused(422, f"input {i} must be a {name}")
+        if bounds and value is not None and not float(bounds[0]) <= value <= float(bounds[1]):
+            raise Refused(422, f"input {i} must be between {bounds[0]} and {bounds[1]}")
         if _is_file(value) and not uploaded(value["path"]):
             raise Refused(403, f"input {i} is not a file this page uploaded; upload it first")
 
