@@ -122,7 +122,7 @@ def test_event_inputs_must_fit_the_handler(app):
         assert join(client, "page1", data, fn).status_code == 200, (fn, data)
     bad = [(9, []), (-1, []), ("0", []), (True, []), (3, [1]), (1, []), (1, ["7"]), (1, [True]), (1, [1e308]),
            (1, [[1]]), (2, [{"path": "/etc/passwd"}]), (2, ["/etc/passwd"]), (0, [{"url": "http://x/y.png"}, 1.0]),
-           (0, [frame, "now"]), (4, [0]), (4, [30.5]), (4, [-1e9])]
+           (0, [frame, "now"]), (4, [0]), (4, [30.5]), (4, [-1e9]), (4, [None])]
     for fn, data in bad:
         response = join(client, "page1", data, fn)
         assert response.status_code == 422 and "\n" not in response.json()["detail"], (fn, data, response.text)

@@ -272,7 +272,8 @@ def signatures(page: gr.Blocks) -> dict[int, tuple[str, ...]]:
             return f"number {component.minimum:g} {component.maximum:g}"  # gradio refuses others with a traceback
         return "number" if isinstance(component, gr.Number) else "any"
 
-    return {fn_id: tuple(kind(c) for c in fn.inputs) for fn_id, fn in page.fns.items()}
+    return {fn_id: tuple(kind(c) for c in fn.inputs) for fn_id, fn in page.fns.items()
+            if fn.fn is not None}  # an event that runs in the browser alone has nothing to call here
 
 
 def check_address(host: str, port: int) -> None:

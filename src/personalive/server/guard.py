@@ -339,7 +339,7 @@ def check_inputs(data: list, kinds: tuple[str, ...], uploaded: Callable[[str], b
         name, *bounds = kind.split()
         if value is not None and not INPUT_KINDS[name](value):
             raise Refused(422, f"input {i} must be a {name}")
-        if bounds and value is not None and not float(bounds[0]) <= value <= float(bounds[1]):
+        if bounds and (value is None or not float(bounds[0]) <= value <= float(bounds[1])):  # a slider is never empty
             raise Refused(422, f"input {i} must be between {bounds[0]} and {bounds[1]}")
         if _is_file(value) and not uploaded(value["path"]):
             raise Refused(403, f"input {i} is not a file this page uploaded; upload it first")
