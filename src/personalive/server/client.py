@@ -54,6 +54,9 @@ class PageTimeout(PageError):
     """No answer came in time."""
 
 
+PLAYER_SHOWS = {"pl-output": "output", "pl-status": "status", "pl-stats": "stats", "pl-outputs": "outputs_line"}
+
+
 @dataclass
 class Shown:
     """An animated frame that reached the page: its index in the stream and its webcam frame's capture time."""
@@ -142,7 +145,8 @@ class PageClient:
         self.http = httpx.Client(base_url=self.url, timeout=timeout, limits=httpx.Limits(max_connections=8))
         self.fns: dict[str, int] = {}  # handler name -> fn_index
         self.triggers: dict[str, int | None] = {}  # handler name -> the component that triggers it
-        self.status = self.stats = self.output = ""
+        self.status = self.stats = self.output = self.outputs_line = ""
+        self.player_shows: list[str | None] = []  # the player's outputs: PageClient attribute of each (PLAYER_SHOWS)
         self.shown: list[Shown] = []
         self.sent = 0  # webcam frames sent
         self._cond = threading.Condition()
@@ -154,9 +158,11 @@ class PageClient:
         self._sse: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []  # of the long requests, cut from outside on close/crash
+        self._messages_socket: socket.socket | None = None  # the newest queue-data stream's
         self._frozen = threading.Event()  # no more reading or sending
         self._gone = threading.Event()  # the connections are closed
         self._closed = False
+        self._failed: PageError | None = None  # the page's message stream was refused: no answer will come
 
     # ------------------------------------------------------------------------------------------------ page life
     def open(self) -> PageClient:
@@ -170,11 +176,14 @@ class PageClient:
         """Only the page's HTML (the guard's cookie comes with it) and its config (the handlers)."""
         self.http.get("/").raise_for_status()
         config = self.http.get("/config").raise_for_status().json()
+        elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
         for dep in config["dependencies"]:
             name = dep.get("api_name")
             if name:
                 self.fns[name] = dep["id"]
                 self.triggers[name] = dep["targets"][0][0] if dep["targets"] else None
+            if name == "player":  # its outputs by what they show, not by position (the page may add some)
+                self.player_shows = [PLAYER_SHOWS.get(elem_ids.get(c)) for c in dep["outputs"]]
         return self
 
     def close(self) -> None:
@@ -201,6 +210,17 @@ class PageClient:
         """Drop the connections of a frozen tab (the end of a test)."""
         self._shutdown()
 
+    def cut_messages(self) -> None:
+        """Cut the page's queue-data stream (a dropped connection): the client opens it again while events are
+        pending, and gradio, which dropped the page's messages with the stream, refuses it (404)."""
+        with self._cond:
+            sock = self._messages_socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
     def _shutdown(self) -> None:
         self._closed = True
         self._frozen.set()
@@ -224,17 +244,23 @@ class PageClient:
 
     def _stream_lines(self, path: str) -> Iterator[str]:
         """The lines of a long GET (server-sent events) on a socket of its own, which `_shutdown` can cut while a
-        thread reads it (httpx cannot close a connection in use)."""
+        thread reads it (httpx cannot close a connection in use).
+
+        Raises:
+            PageError: the server refused it (its status and detail).
+        """
         url = httpx.URL(self.url)
         connection = http.client.HTTPConnection(url.host, url.port)
         cookie = "; ".join(f"{name}={value}" for name, value in self.http.cookies.items())
         connection.request("GET", path, headers={"Accept": "text/event-stream", "Cookie": cookie})
         with self._cond:
             self._sockets.append(connection.sock)
+            if path.startswith(f"{API}/queue/data"):
+                self._messages_socket = connection.sock
         try:
             response = connection.getresponse()
             if response.status != 200:
-                return
+                raise PageError(_detail_of(response.status, response.read(2000)), response.status)
             while line := response.readline():
                 yield line.decode("utf-8").rstrip("\r\n")
         finally:
@@ -248,6 +274,8 @@ class PageClient:
                     return
         except (OSError, http.client.HTTPException):
             pass  # the tab closed
+        except PageError as e:
+            logger.warning("page %s: heartbeat refused (%s)", self.session, e)
 
     # ---------------------------------------------------------------------------------------------------- events
     def join(self, name: str, data: list, event_data: Any = None) -> str:
@@ -270,7 +298,7 @@ class PageClient:
         if response.status_code == 200 and isinstance(body, dict) and body.get("session_hash") == self.session:
             with self._cond:
                 self._pending.add(response.json()["event_id"])
-                if self._sse is None:
+                if self._sse is None and self._failed is None:
                     self._sse = self._thread(self._read_messages, "sse")
         return response
 
@@ -291,6 +319,8 @@ class PageClient:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._cond:
             while event not in self._done:
+                if self._failed is not None:
+                    raise self._failed
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
                     raise PageTimeout(f"no answer within {self.timeout if timeout is None else timeout:.0f} s")
@@ -302,7 +332,9 @@ class PageClient:
         return message["output"]["data"]
 
     def _read_messages(self) -> None:
-        """The page's queue-data stream: every event's messages, until no event is pending."""
+        """The page's queue-data stream: every event's messages, until no event is pending. A stream the server
+        refuses or ends because it has no message queue for this page (gradio's `session_not_found`) fails every
+        pending `result` at once: polling again would never bring their answers."""
         while True:
             try:
                 for line in self._stream_lines(f"{API}/queue/data?session_hash={self.session}"):
@@ -311,15 +343,33 @@ class PageClient:
                         return
                     if line.startswith("data:"):
                         self._message(json.loads(line[5:]))
-            except (OSError, http.client.HTTPException, ValueError):
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # the connection dropped: open it again while events are pending
+            except PageError as e:
+                self._fail(e)
+            except Exception as e:  # a message this client cannot read: say so instead of waiting for nothing
+                self._fail(PageError(f"page {self.session}: unreadable message from the server ({e!r})"))
             with self._cond:
-                if self._closed or self._frozen.is_set() or not self._pending:
+                if self._closed or self._frozen.is_set() or not self._pending or self._failed is not None:
                     self._sse = None
                     return
 
+    @property
+    def failed(self) -> PageError | None:
+        """Why the page's message stream was refused (then every pending and later call fails with it), or None."""
+        return self._failed
+
+    def _fail(self, error: PageError) -> None:
+        logger.warning("page %s: the message stream failed: %s", self.session, error)
+        with self._cond:
+            self._failed = error
+            self._cond.notify_all()
+
     def _message(self, message: dict) -> None:
         kind, event = message.get("msg"), message.get("event_id")
+        if kind == "unexpected_error" and message.get("session_not_found"):
+            raise PageError(f"HTTP 404: the server has no message queue for page {self.session}; reload the page",
+                            404)
         if kind == "process_generating" and event == self._player:
             self._player_output(event, message["output"]["data"])
         elif kind == "process_completed" or (kind == "unexpected_error" and event):
@@ -334,15 +384,17 @@ class PageClient:
         raw = self._values.get(event)
         raw = self._values[event] = list(data) if raw is None else [apply_diff(v, d) for v, d in zip(raw, data, strict=True)]
         now = time.monotonic()
-        output, status, stats = (_text(v) for v in raw)
+        shown = {name: text for name, text in zip(self.player_shows, (_text(v) for v in raw), strict=True)
+                 if name is not None and text is not None}
         with self._cond:
+            output = shown.pop("output", None)
             if output is not None and output != self.output:
                 self.output = output
                 if match := FRAME_HTML.search(output):
                     captured = float(match.group(2)) if match.group(2) else None
                     self.shown.append(Shown(int(match.group(1)), captured, now))
-            self.status = status if status is not None else self.status
-            self.stats = stats if stats is not None else self.stats
+            for name, text in shown.items():
+                setattr(self, name, text)
             self._cond.notify_all()
 
     def wait_for(self, condition: Any, timeout: float | None = None) -> bool:
@@ -351,7 +403,7 @@ class PageClient:
         with self._cond:
             while not condition(self):
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0 or self._closed or self._failed is not None:
                     return False
                 self._cond.wait(min(left, 0.5))
             return True
@@ -409,8 +461,13 @@ class PageClient:
 
 
 def _detail(response: httpx.Response) -> str:
+    return _detail_of(response.status_code, response.content)
+
+
+def _detail_of(status: int, body: bytes) -> str:
+    """`HTTP <status>: <detail>` from an error answer's body (the guard's and gradio's JSON `detail`, or its text)."""
     try:
-        detail = response.json().get("detail")
-    except ValueError:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
         detail = None
-    return f"HTTP {response.status_code}: {detail or response.text[:200]}"
+    return f"HTTP {status}: {detail or body[:200].decode('utf-8', 'replace')}"
