@@ -5,6 +5,7 @@ and uploaded files checked from their headers before they are decoded."""
 import numpy as np
 import pytest
 from conftest import write_video
+from starlette.exceptions import HTTPException
 from starlette.testclient import TestClient
 
 from personalive.errors import ImageReadError, VideoReadError
@@ -173,6 +174,33 @@ def test_the_event_stream_of_a_page_without_events_is_refused(app):
     assert client.get(f"{API}/queue/data", params={"session_hash": "page1"}).status_code == 404
     join(client, "page1")
     assert client.get(f"{API}/queue/data", params={"session_hash": "page1"}).status_code == 200
+
+
+def test_the_event_stream_of_a_page_whose_messages_the_app_dropped_is_refused():
+    """gradio drops a page's message queue when its stream is cut; a poll then gets a clean 404 before any answer,
+    not a stream that fails once started (a traceback in the log per poll)."""
+    listening = set()
+    middleware = RequestGuard(StubApp(), LIMITS, Pages(), SIGNATURES, listening=listening.__contains__)
+    client = browser(middleware)
+    join(client, "page1")
+    response = client.get(f"{API}/queue/data", params={"session_hash": "page1"})
+    assert response.status_code == 404 and response.json() == {"detail": "this page has no events pending; reload the page"}
+    listening.add("page1")
+    assert client.get(f"{API}/queue/data", params={"session_hash": "page1"}).status_code == 200
+
+
+def test_an_http_error_inside_a_started_stream_ends_it_quietly():
+    """The queue went between the guard's check and the stream (gradio raises 404 with the answer started): the
+    stream ends without an exception reaching the server (which would log a traceback)."""
+
+    async def failing_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        raise RuntimeError("Caught handled exception, but response already started.") from HTTPException(404)
+
+    client = browser(RequestGuard(failing_stream, LIMITS, Pages(), SIGNATURES, listening=lambda session: True))
+    response = client.get(f"{API}/queue/data", params={"session_hash": "page1"})
+    assert response.status_code == 200 and response.text == "data: {}\n\n"
 
 
 def test_a_page_is_connected_while_it_holds_a_long_request(clock):

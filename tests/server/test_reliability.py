@@ -2,13 +2,14 @@
 parts of tools/soak_server.py (which runs them for hours' worth of frames) against the real page, engine and HTTP
 API in this process. Each asserts behaviour, never time."""
 
+import logging
 import time
 
 import pytest
 from conftest import load_tool
 
 from personalive.server import app
-from personalive.server.client import PageClient, PageError
+from personalive.server.client import PageClient, PageError, PageTimeout
 
 soak_tool = load_tool("soak_server")
 
@@ -136,3 +137,35 @@ def test_a_page_that_acts_before_its_player_starts_is_served(harness):
     finally:
         client.close()
         harness.server.close_session(client.session)  # (its unload runs with its heartbeat, which it never opened)
+
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_page_whose_message_stream_is_cut_gets_a_clean_error_at_once(harness):
+    """gradio drops a page's message queue when its queue-data stream is cut: the page's next call fails at once
+    with the server's 404 (not after the client's timeout), and the server logs no traceback for it."""
+    records = Records()
+    logging.getLogger("uvicorn.error").addHandler(records)
+    client = PageClient(harness.url, timeout=600).open()
+    try:
+        assert client.wait_for(lambda c: c.status != "", 30) and "Outputs" in client.outputs_line
+        client.cut_messages()
+        end = time.monotonic() + 60
+        while client.failed is None and time.monotonic() < end:  # the client opens the stream again
+            time.sleep(0.1)
+        with pytest.raises(PageError) as e:
+            client.sample()
+        assert not isinstance(e.value, PageTimeout) and e.value.status == 404, e.value
+        assert "no events pending" in str(e.value)
+    finally:
+        client.close()
+        logging.getLogger("uvicorn.error").removeHandler(records)
+    assert not [m for m in records.messages if "Exception" in m], records.messages

@@ -314,11 +314,14 @@ def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "1
     pages = Pages()
     page = build_page(server, reference_size, faces, outputs, limits, pages)
     page.queue(default_concurrency_limit=None, max_size=256)
+
+    def listening(session: str) -> bool:  # gradio answers a page's queue data only while it keeps its messages
+        return session in page._queue.pending_messages_per_session
     try:
         page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
                     max_file_size=limits.max_upload_bytes,  # bytes: gradio's "<n>mb" takes integers only
                     app_kwargs={"middleware": [Middleware(RequestGuard, limits=limits, pages=pages,
-                                                          signatures=signatures(page))]},
+                                                          signatures=signatures(page), listening=listening)]},
                     prevent_thread_lock=True, quiet=quiet, css=CSS, js=_text("screen_latency.js"),
                     footer_links=["gradio"])
         add_output_view(page.app, outputs)

@@ -20,6 +20,9 @@ line), before any of gradio's parsing, queueing or decoding:
 - **images inside requests** (the webcam's frames travel as `data:` URLs): refused when they are not an image or
   their header claims more than `Limits.max_frame_pixels` pixels (413), so a decompression bomb is never decoded;
 - a body of the page's JSON endpoints that is not JSON (400);
+- a page's queue-data stream when the server keeps no message queue for it (it never started an event, or its
+  stream ended and gradio dropped its queue): 404 before the stream starts (gradio would answer 200 and then fail
+  mid-stream, with a traceback in the log for every poll);
 - gradio's API routes that the page never calls (`run/`, `api/`, `call/`: 404): they would run the page's handlers
   outside any page, and `call/<name>/<event>` reads any event's messages by its id alone.
 
@@ -33,6 +36,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import re
 import secrets
 import threading
@@ -46,8 +50,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
 
 from personalive.errors import ImageReadError, VideoReadError, reason
+
+logger = logging.getLogger(__name__)
 
 COOKIE = "personalive_client"
 API = "/gradio_api"
@@ -371,13 +378,15 @@ class RequestGuard:
         app: the gradio app; limits; pages: the pages seen; signatures: the page's event handlers (gradio's
         fn_index) and the kind of each input (see `check_inputs`), when known: a call of another handler, or with
         other inputs, is refused here (gradio answers some with a 500, others with a multi-line error and a
-        traceback in the server log).
+        traceback in the server log); listening: whether the app keeps a message queue for a session id (default:
+        whether the page started an event).
     """
 
     def __init__(self, app: Any, limits: Limits, pages: Pages | None = None,
-                 signatures: dict[int, tuple[str, ...]] | None = None):
+                 signatures: dict[int, tuple[str, ...]] | None = None, listening: Callable[[str], bool] | None = None):
         self.app, self.limits, self.signatures = app, limits, signatures
         self.pages = pages or Pages()
+        self.listening = listening or self.pages.joined
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -403,8 +412,22 @@ class RequestGuard:
             # Starlette streams for ASGI 2.4 servers without listening for the client leaving, so gradio would
             # notice a closed tab at its next heartbeat write (15 s); as 2.3 it listens, and the tab's unload runs now
             scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
+        started = False
+
+        async def send_started(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_started)
+        except (HTTPException, RuntimeError) as e:
+            # an HTTP error raised inside a streaming answer (gradio's queue data when the page's message queue went
+            # between the check and the stream): the answer has started, so the stream just ends; no traceback
+            error = e if isinstance(e, HTTPException) else e.__cause__
+            if not started or not isinstance(error, HTTPException):
+                raise
+            logger.debug("%s %s ended by HTTP %s after its answer started", scope["method"], path, error.status_code)
         finally:
             if long:
                 self.pages.connect(sessions[0], -1)
@@ -468,8 +491,8 @@ class RequestGuard:
             self.pages.check_event(path.removeprefix(f"{API}/stream/").removesuffix("/close"), client)
         if path.startswith(f"{API}/cancel") and isinstance(body, dict) and isinstance(body.get("event_id"), str):
             self.pages.check_event(body["event_id"], client)  # gradio cancels an event by its id alone
-        if path.startswith(f"{API}/queue/data") and not (sessions and self.pages.joined(sessions[0])):
-            raise Refused(404, "this session has no events; reload the page")  # (gradio fails on it mid-stream)
+        if path.startswith(f"{API}/queue/data") and not (sessions and self.listening(sessions[0])):
+            raise Refused(404, "this page has no events pending; reload the page")  # (gradio fails on it mid-stream)
         if body is not None:
             check_data_urls(body.get("data") if isinstance(body, dict) else body, self.limits)
         return receive, sessions
