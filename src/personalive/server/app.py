@@ -26,9 +26,9 @@ from starlette.middleware import Middleware
 from personalive.errors import ConfigError, ImageReadError, NoFaceError, ServerBusyError, VideoReadError
 from personalive.io.images import load_image
 from personalive.io.samples import sample_reference
+from personalive.server.guard import Limits, Pages, RequestGuard, check_image_file, check_video_file
 from personalive.server.output_view import add_output_view
 from personalive.server.outputs import OutputHub
-from personalive.server.guard import Limits, Pages, RequestGuard, check_image_file, check_video_file
 from personalive.server.session import FaceFinder, OutputFrame, prepare_reference
 from personalive.server.worker import FIRST_STATUS, StreamServer
 
