@@ -221,10 +221,12 @@ class Webcam(threading.Thread):
         self.client, self.urls, self.fps, self.limit = client, urls, fps, limit
         self.stopped = threading.Event()
         self.errors = 0
+        self.sent_at: list[float] = []  # time.monotonic() frame i was sent
 
     def run(self) -> None:
         start, i = time.monotonic(), 0
         while not self.stopped.is_set() and (self.limit is None or i < self.limit):
+            self.sent_at.append(time.monotonic())
             try:
                 self.client.send_frame(self.urls[i % len(self.urls)], captured=float(i))
             except (httpx.HTTPError, PageError, RuntimeError):
@@ -285,6 +287,21 @@ def rate(client: PageClient, seconds: float) -> float:
     before = len(client.shown)
     time.sleep(seconds)
     return (len(client.shown) - before) / seconds
+
+
+def latencies(client: PageClient, webcam: Webcam, start: float, end: float) -> list[float]:
+    """s from sending each webcam frame to its animated frame reaching `client`, of the frames that arrived between
+    `start` and `end` (time.monotonic())."""
+    return [s.arrived - webcam.sent_at[int(s.captured)] for s in client.shown
+            if start <= s.arrived < end and s.captured is not None and int(s.captured) < len(webcam.sent_at)]
+
+
+def percentiles(values: list[float]) -> dict:
+    """n, p50 and p95 of `values` (s) in ms."""
+    if len(values) < 2:
+        return dict(n=len(values), p50_ms=None, p95_ms=None)
+    cuts = statistics.quantiles(values, n=20)
+    return dict(n=len(values), p50_ms=round(1000 * statistics.median(values)), p95_ms=round(1000 * cuts[18]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,6 +383,8 @@ def churn(harness: Any, sessions: int, killed: int, frames_each: int = 8, fps: f
             failures.append(f"page {i + 1} never got the slot ({client.status!r})")
         if not client.wait_for(lambda c: len(c.shown) >= frames_each, 60):
             failures.append(f"page {i + 1} got no frames")
+        if (i + 1) % 10 == 0:
+            logger.info("churn: %d of %d pages done, %d failures", i + 1, sessions, len(failures))
     after_churn = wait_idle(harness)
     open_with_frozen = len(after_churn["sessions"])
     for page in frozen:
@@ -543,10 +562,13 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
     outcomes: dict[str, dict[str, int]] = {endpoint: {} for endpoint in makers}
     examples: list[str] = []
     quiet, attacked = [], []
+    quiet_latency, attacked_latency = [], []  # s, of the victim's frames that arrived in quiet or attacked windows
     rss_max, attack_s, server_cpu, client_cpu = rss_before, 0.0, 0.0, 0.0
     me = psutil.Process()
     for r in range(rounds + 1):
+        start = time.monotonic()
         quiet.append(round(rate(victim, seconds), 2))
+        quiet_latency += latencies(victim, webcam, start, time.monotonic())
         if r == rounds:
             break
         shown, start = len(victim.shown), time.monotonic()
@@ -559,6 +581,7 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
                     examples.append(f"{endpoint}: {outcome}")
             rss_max = max(rss_max, harness.usage()["rss_mb"])
         took = time.monotonic() - start
+        attacked_latency += latencies(victim, webcam, start, start + took)
         attack_s += took
         server_cpu += harness.usage()["cpu_s"] - cpu_before
         client_cpu += sum(me.cpu_times()[:2]) - mine_before
@@ -578,6 +601,7 @@ def hostile(harness: Any, calls: int, fps: float = 20.0, seconds: float = 10.0, 
                 victim_fps=dict(quiet=quiet, attacked=attacked, median_quiet=median_quiet,
                                 median_attacked=median_attacked,
                                 attacked_over_quiet=round(median_attacked / median_quiet, 2) if median_quiet else None),
+                victim_latency=dict(quiet=percentiles(quiet_latency), attacked=percentiles(attacked_latency)),
                 victim_still_streaming=victim_ok, rss_mb=dict(before=round(rss_before, 1), max=round(rss_max, 1),
                                                               after=round(harness.usage()["rss_mb"], 1)))
 

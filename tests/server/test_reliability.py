@@ -65,6 +65,7 @@ def test_hostile_calls_get_clean_answers_and_the_stream_goes_on(harness):
     assert result["endpoints"] == 9 and result["calls"] == 9 * 12
     assert result["victim_still_streaming"]
     assert result["victim_fps"]["quiet"][-1] > 0  # it still gets frames after the attack
+    assert result["victim_latency"]["quiet"]["n"] > 0
     assert_idle(soak_tool.wait_idle(harness))
 
 
