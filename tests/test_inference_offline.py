@@ -92,6 +92,38 @@ def test_missing_weights_from_the_command_line(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "nowhere" in errors[0] and "not found; " in errors[0]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"weights folder {tmp_path / 'nowhere'} does not exist; fill it with `python tools/make_random_weights.py "
+        f"--size tiny --out {tmp_path / 'nowhere'}`, or set weights_dir=<folder>")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_zero_byte_weights_file_is_one_line(tmp_path, script, tiny_weights, caplog):
+    import shutil
+
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_weights, weights)
+    (weights / "personalive/motion_encoder.pth").write_bytes(b"")
+    with caplog.at_level(logging.ERROR):
+        code = script.main(["--config", "configs/prompts/tiny.yaml", f"weights_dir={weights}", "-L", "4",
+                            "--face_crops", "keypoints", "--output", str(tmp_path / "out.mp4")])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"{weights / 'personalive/motion_encoder.pth'}: empty file (0 bytes); re-download it"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None, reason="needs mediapipe")
+def test_a_run_prints_no_native_log_lines(tmp_path, tiny_weights):
+    """MediaPipe's C++ logging (absl, TensorFlow Lite) stays off the console; every stderr line is ours or tqdm's."""
+    from personalive.io.native_logs import NATIVE_LINE
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "inference_offline.py"), "--config", str(ROOT / "configs/prompts/tiny.yaml"),
+         f"weights_dir={tiny_weights}", "--face_crops", "mediapipe", "-L", "4", "--output", str(tmp_path / "o.mp4")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.replace("\r", "\n").splitlines()
+    assert not [line for line in lines if NATIVE_LINE.match(line.encode()) or "absl" in line or "TensorFlow" in line]
+    ours = [line for line in lines if line.strip() and not line.startswith("animating")]
+    assert ours and all(" INFO personalive" in line or " WARNING personalive" in line for line in ours), ours

@@ -153,3 +153,26 @@ def test_download_failure_is_one_line_naming_the_file(monkeypatch, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "could not download model_index.json" in err and "Connection refused" in err and "again" in err
+
+
+def test_check_and_load_name_a_zero_byte_file_in_one_line(broken, capsys):
+    (broken / "personalive/pose_guider.pth").write_bytes(b"")
+    assert check(broken) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{broken / 'personalive/pose_guider.pth'}: empty file (0 bytes); re-download it"]
+    with pytest.raises(CheckpointError, match=r"pose_guider.pth: empty file \(0 bytes\)"):
+        load_models(load_config(TINY, [f"weights_dir={broken}"]))
+
+
+@pytest.mark.parametrize("config, command", [
+    (TINY, "python tools/make_random_weights.py --size tiny --out {}"), (None, "python tools/download_weights.py --out {}")])
+def test_empty_or_missing_folder_says_so_with_the_one_command_that_fills_it(tmp_path, capsys, config, command):
+    (tmp_path / "empty").mkdir()
+    for folder, state in ((tmp_path / "empty", "is empty"), (tmp_path / "missing", "does not exist")):
+        message = f"weights folder {folder} {state}; fill it with `{command.format(folder)}`, or set weights_dir=<folder>"
+        with pytest.raises(WeightsNotFoundError) as e:
+            load_models(load_config(config, [f"weights_dir={folder}"]))
+        assert str(e.value) == message
+        argv = ["--check", str(folder)] + (["--config", config] if config else [])
+        assert run_tool("download_weights", argv) == 1
+        assert capsys.readouterr().out.strip() == message

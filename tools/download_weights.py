@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from personalive.config import load_config
-from personalive.errors import PersonaLiveError, WeightsNotFoundError
+from personalive.errors import PersonaLiveError, WeightsNotFoundError, reason
 from personalive.weights import check_weights
 
 # (hub repository, file in it, destination under --out)
@@ -40,8 +40,7 @@ def download(out: Path) -> None:
         try:  # partial files stay in the staging folder and resume on the next run
             path = hf_hub_download(repo, name, local_dir=staging / repo.replace("/", "--"))
         except Exception as e:  # network, authentication, disk: one line, and what to do
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsNotFoundError(f"could not download {name} from https://huggingface.co/{repo} ({reason}); "
+            raise WeightsNotFoundError(f"could not download {name} from https://huggingface.co/{repo} ({reason(e)}); "
                                        f"run the command again to resume, or put the file at {target}") from e
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, target)

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from personalive.errors import ConfigError
+from personalive.errors import ConfigError, reason
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except FileNotFoundError as e:
         raise ConfigError(f"config file {path} not found") from e
     except OmegaConfBaseException as e:
-        first = str(e).splitlines()[0]
-        raise ConfigError(f"bad config ({path or 'defaults'}): {first}") from e
+        raise ConfigError(f"bad config ({path or 'defaults'}): {reason(e, 300)}") from e
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -35,3 +35,10 @@ class ServerBusyError(PersonaLiveError):
 
 class BackendUnavailableError(PersonaLiveError):
     """An optional backend (xformers, CUDA, TensorRT, ONNX Runtime) was asked for but cannot run here."""
+
+
+def reason(error: BaseException, limit: int = 160) -> str:
+    """A one-line cause for a message built from any exception: the first non-blank line of its text (at most
+    `limit` characters), or its type name when the text is empty or blank."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__

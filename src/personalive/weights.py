@@ -9,6 +9,7 @@ motion/temporal settings of the inference config; the PersonaLive-specific netwo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from personalive.config import PersonaLiveConfig, resolve_path
+from personalive.config import PROJECT_ROOT, PersonaLiveConfig, load_config, resolve_path
 from personalive.errors import CheckpointError, ConfigError, PersonaLiveError
 from personalive.io.checkpoints import (
     CONFIG_FILES,
     WEIGHT_FILES,
     check_keys,
+    check_weights_folder,
     find_weight_file,
     from_official,
     load_state_dict,
@@ -87,6 +89,38 @@ class PersonaLiveModels:
         return self
 
 
+TINY_CONFIG = PROJECT_ROOT / "configs/prompts/tiny.yaml"
+
+
+def fill_command(cfg: PersonaLiveConfig, weights_dir: str | Path) -> str:
+    """The one command that fills `weights_dir` for `cfg`: random tiny weights for the tiny model, else the
+    official download."""
+    if cfg.model == _tiny_model():
+        return f"python tools/make_random_weights.py --size tiny --out {weights_dir}"
+    return f"python tools/download_weights.py --out {weights_dir}"
+
+
+@functools.cache
+def _tiny_model():
+    return load_config(TINY_CONFIG).model
+
+
+def require_weights(cfg: PersonaLiveConfig, weights_dir: str | Path | None = None) -> Path:
+    """`weights_dir` (default cfg.weights_dir), resolved, once it holds every file inference reads; checks only that
+    the files exist (cheap), so a run can fail before any other work starts.
+
+    Raises:
+        WeightsNotFoundError: the folder is missing or empty (naming the command that fills it), or a file is missing.
+    """
+    weights_dir = resolve_path(weights_dir or cfg.weights_dir)
+    check_weights_folder(weights_dir, fill_command(cfg, weights_dir))
+    for name in CONFIG_FILES:
+        read_config(weights_dir, name)
+    for file in OFFICIAL_FILES:
+        find_weight_file(weights_dir, file)
+    return weights_dir
+
+
 def network_configs(weights_dir: str | Path) -> dict[str, dict]:
     """The `config.json` of the SD UNet, the VAE and the CLIP image encoder in `weights_dir`."""
     return {name: read_config(weights_dir, name) for name in CONFIG_FILES}
@@ -137,9 +171,9 @@ def expected_shapes(models: PersonaLiveModels) -> dict[str, dict[str, list[int]]
 def load_models(cfg: PersonaLiveConfig, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> PersonaLiveModels:
     """Build every network from the configs in `cfg.weights_dir` and load its official weights (strictly)."""
-    weights_dir = resolve_path(cfg.weights_dir)
+    weights_dir = require_weights(cfg)  # all present before any work
     configs = network_configs(weights_dir)
-    paths = {file: find_weight_file(weights_dir, file) for file in OFFICIAL_FILES}  # all present before any work
+    paths = {file: find_weight_file(weights_dir, file) for file in OFFICIAL_FILES}
     with init_empty_weights():
         models = build_models(cfg, configs)
     expected = expected_shapes(models)
@@ -165,6 +199,7 @@ def check_weights(weights_dir: str | Path, cfg: PersonaLiveConfig) -> list[str]:
     """Every problem of a weights folder (missing file, unreadable file, missing key, wrong shape), one line each."""
     weights_dir = Path(weights_dir)
     try:
+        check_weights_folder(weights_dir, fill_command(cfg, weights_dir))
         configs = network_configs(weights_dir)
         with torch.device("meta"):
             models = build_models(cfg, configs)
@@ -235,9 +270,10 @@ def _load_strict(model: torch.nn.Module, state: dict, net: str, path: Path) -> N
 def load_network(cfg: PersonaLiveConfig, name: str, weights_dir: str | Path | None = None) -> torch.nn.Module:
     """One network (`motion_extractor`, `vae`, ... as in OFFICIAL_FILES, not the denoising UNet's two files) from
     `weights_dir` (default cfg.weights_dir), strictly, fp32 on the CPU, in eval mode."""
-    weights_dir = resolve_path(weights_dir or cfg.weights_dir)
     if OFFICIAL_FILES.get(name, ("", ""))[1] != "all":
         raise ValueError(f"load_network() loads single-file networks, not {name!r}")
+    weights_dir = resolve_path(weights_dir or cfg.weights_dir)
+    check_weights_folder(weights_dir, fill_command(cfg, weights_dir))
     with init_empty_weights():
         model = getattr(build_models(cfg, network_configs(weights_dir)), name)
     path = find_weight_file(weights_dir, name)
@@ -261,6 +297,7 @@ def init_training_models(cfg: PersonaLiveConfig) -> PersonaLiveModels:
     reproducible start.
     """
     weights_dir = resolve_path(cfg.weights_dir)
+    check_weights_folder(weights_dir, fill_command(cfg, weights_dir))
     models = build_models(cfg, network_configs(weights_dir))
     base_path = find_weight_file(weights_dir, "base_unet")
     base = load_state_dict(base_path)

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from personalive.errors import CheckpointError, WeightsNotFoundError
-from personalive.io.checkpoints import find_weight_file, from_official, load_state_dict, read_shapes, save_state_dict
+from personalive.io.checkpoints import (
+    check_weights_folder,
+    find_weight_file,
+    from_official,
+    load_state_dict,
+    read_shapes,
+    save_state_dict,
+)
 
 
 class Payload:
@@ -66,3 +73,40 @@ def test_legacy_vae_attention_names_are_converted():
     assert "encoder.mid_block.attentions.0.to_out.0.bias" in state and "encoder.conv_in.weight" in state
     assert from_official("motion_extractor", {"idx_tensor": torch.zeros(66), "detector.x": torch.zeros(1)}).keys() == {
         "detector.x"}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".bin", ".safetensors"])
+def test_zero_byte_file_is_one_line(tmp_path, suffix):
+    (tmp_path / f"w{suffix}").touch()
+    for read in (load_state_dict, read_shapes):
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / f'w{suffix}'}: empty file \(0 bytes\); re-download it$"):
+            read(tmp_path / f"w{suffix}")
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\n", "first line\nsecond line", "x" * 1000])
+def test_any_exception_text_gives_one_line(tmp_path, monkeypatch, text):
+    save_state_dict({"w": torch.zeros(1)}, tmp_path / "w.pth")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(EOFError(text)))
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(tmp_path / "w.pth")
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and "w.pth: corrupt or truncated weights file (" in message
+    assert ("EOFError" in message) == (not text.strip()) and len(message) < len(str(tmp_path)) + 250
+
+
+def test_empty_or_missing_folder_names_the_folder_and_one_command(tmp_path):
+    command = "python tools/download_weights.py --out X"
+    cases = {tmp_path / "missing": "does not exist", tmp_path / "empty": "is empty", tmp_path / "other": "holds no "}
+    (tmp_path / "empty" / "sub").mkdir(parents=True)  # empty folders inside are still empty
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hi")
+    for folder, state in cases.items():
+        with pytest.raises(WeightsNotFoundError) as e:
+            check_weights_folder(folder, command)
+        assert str(e.value) == f"weights folder {folder} {state}" + (
+            "PersonaLive weights" if state == "holds no " else "") + f"; fill it with `{command}`, or set weights_dir=<folder>"
+    (tmp_path / "file").touch()
+    with pytest.raises(WeightsNotFoundError, match="is a file, not a folder"):
+        check_weights_folder(tmp_path / "file", command)
+    save_state_dict({"w": torch.zeros(1)}, tmp_path / "some" / "personalive/pose_guider.pth")
+    check_weights_folder(tmp_path / "some", command)  # partly filled: each missing file is named by its reader

@@ -10,7 +10,14 @@ import torch
 from conftest import write_sine, write_undecodable_video
 from PIL import Image
 
-from personalive.errors import BackendUnavailableError, ConfigError, ImageReadError, NoFaceError, VideoReadError
+from personalive.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ImageReadError,
+    NoFaceError,
+    VideoReadError,
+    WeightsNotFoundError,
+)
 from personalive.io.faces import FaceCropper, mediapipe_available
 from personalive.io.images import frames_to_tensor, load_image
 from personalive.io.samples import sample_reference
@@ -276,6 +283,16 @@ def test_bad_driving_videos(tmp_path, tiny_cfg):
     with pytest.raises(VideoReadError, match="empty.mp4 has no decodable video frames"):  # found before any model
         run(tiny_cfg, reference, tmp_path / "empty.mp4", face_crops="keypoints")
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_missing_weights_fail_before_mediapipe_starts(tmp_path, tiny_cfg, monkeypatch):
+    started = []
+    monkeypatch.setattr(offline, "open_face_cropper", lambda face_crops: started.append(face_crops))
+    cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "weights_dir": str(tmp_path / "nowhere")})
+    video = write_driving_video(tmp_path / "drive.mp4", Image.new("RGB", (64, 64)), n=1)
+    with pytest.raises(WeightsNotFoundError, match="nowhere does not exist; fill it with"):
+        run(cfg, sample_reference(), video, face_crops="mediapipe")
+    assert started == []  # MediaPipe (and its native logging) never started
 
 
 def test_bad_options(tmp_path, tiny_cfg, monkeypatch):

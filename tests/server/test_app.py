@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from personalive.errors import ConfigError
-from personalive.server.app import _frame_html, check_address, launch
+from personalive.server.app import _frame_html, build_page, check_address, launch, signatures
 from personalive.server.session import OutputFrame, Stamp
 from personalive.server.worker import StreamServer, Worker
 
@@ -37,6 +37,20 @@ def test_animated_frames_carry_their_webcam_capture_time_to_the_page():
     assert 'data-frame="7"' in webcam and 'data-captured="1712345678901.5"' in webcam  # for screen_latency.js
     for stamp in (None, Stamp(arrived=3.0)):  # a ramp frame, a driving-video frame
         assert "data-captured" not in _frame_html(OutputFrame(7, "AAAA", stamp))
+
+
+def test_the_guard_knows_each_handler_and_the_kind_of_its_inputs():
+    server = StreamServer([Worker(SimpleNamespace(), "fake:0")], 16, 16, window=4, fps=10, seed=0)
+    try:
+        page = build_page(server, (16, 16))
+        kinds = signatures(page)
+        assert {fn.api_name: kinds.get(i) for i, fn in page.fns.items()} == {
+            "js_fn": None,  # the capture time is taken in the browser: nothing to call on the server
+            "on_webcam": ("image", "time"), "on_fuse": ("file",), "on_sample": (), "on_play": ("file",),
+            "on_start": (), "on_stop": (), "on_reset": (), "on_fps": ("number 1 30",), "on_seed": ("number",),
+            "player": (), "on_unload": ()}
+    finally:
+        server.shutdown()
 
 
 def test_page_is_served_locally_and_uploads_are_capped():

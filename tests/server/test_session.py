@@ -212,7 +212,7 @@ def test_session_rate_limits_webcam_frames_to_the_driving_fps():
     s.set_reference(Image.new("RGB", (16, 16)))
     for i in range(30):  # 30 fps for 1 s
         s.push_webcam(frame(), now=i / 30)
-    assert s.inputs.pushed == 10
+    assert s.inputs.pushed == 10 and (s.received, s.limited) == (30, 20)  # every frame is counted
     s.set_fps(30)
     for i in range(30):
         s.push_webcam(frame(), now=1.0 + i / 30)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personalive.errors import BackendUnavailableError, ConfigError, NoFaceError
+from personalive.errors import BackendUnavailableError, ConfigError, NoFaceError, ServerBusyError
 from personalive.pipelines.stream import StreamEngine
 from personalive.server.session import Session, Stamp
 from personalive.server.worker import SlotPool, StreamServer, Worker, build_server, step_fn_factory
@@ -258,16 +258,42 @@ def test_a_failing_stream_stops_alone_and_the_server_goes_on(workers):
 
 def test_an_engine_bug_is_logged_and_reported(workers, caplog):
     class Broken(FakeEngine):
-        def step(self, frames):
-            raise RuntimeError("boom")
+        failures = [RuntimeError("boom")]  # the first step fails, the next ones work
 
-    server = new_server(workers(Broken()))
+        def step(self, frames):
+            if self.failures:
+                raise self.failures.pop()
+            return super().step(frames)
+
+    engine = Broken()
+    server = new_server(workers(engine))
     session = server.session("tab-1")
     session.set_reference(Image.new("RGB", (H, W)))
     stream_webcam(server, session, frames=6)
     assert wait_until(lambda: session.error is not None)
     assert "RuntimeError: boom" in session.error and "engine on fake:0 failed" in caplog.text
-    assert server.workers[0]._thread.is_alive()
+    worker = server.workers[0]
+    assert worker._thread.is_alive()
+    # the engine lets go of the failed stream at once (a half-updated state is never stepped again)
+    assert wait_until(lambda: engine.resets >= 1) and worker._fused is None and not worker._stamps
+    server.update(session, time.monotonic())
+    assert session.worker is None and server.pool.running == 0 and "boom" in server.status(session)
+    other = server.session("tab-2")  # the next visitor streams on the same engine
+    other.set_reference(Image.new("RGB", (H, W), "white"))
+    stream_webcam(server, other, frames=12)
+    assert other.worker is worker and wait_until(lambda: engine.steps >= 2) and other.error is None
+    assert engine.fused[-1][0] is other.reference
+
+
+def test_open_pages_are_capped_and_a_closed_page_makes_room(workers):
+    server = new_server(workers(FakeEngine()), max_sessions=2)
+    a, b = server.session("a"), server.session("b")
+    with pytest.raises(ServerBusyError, match="^2 pages are open already; try again later$"):
+        server.session("c")
+    assert server.get("c") is None and server.session("a") is a and server.get("b") is b
+    server.close_session("a")
+    assert server.get("a") is None and server.session("a").closed  # a closed tab stays closed and takes no room
+    assert not server.session("c").closed and [s.key for s in server.sessions()] == ["b", "c"]
 
 
 def test_stale_sessions_are_closed(workers):

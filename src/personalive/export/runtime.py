@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from personalive.config import resolve_path
-from personalive.errors import BackendUnavailableError, CheckpointError, ConfigError
+from personalive.errors import BackendUnavailableError, CheckpointError, ConfigError, reason
 from personalive.export.onnx import ONNX_PATH, OPTIMIZED_PATH, read_metadata
 from personalive.export.specs import StreamStepSpec, weights_fingerprint
 
@@ -145,7 +145,7 @@ class OnnxRuntimeStep:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except unreadable as e:
-            raise CheckpointError(f"{self.path} cannot be loaded by onnxruntime ({str(e).splitlines()[0]}); "
+            raise CheckpointError(f"{self.path} cannot be loaded by onnxruntime ({reason(e)}); "
                                   f"re-export with `{EXPORT_HINT.format(flags='--onnx-only --force')}`") from e
         found = {i.name: tuple(s if isinstance(s, int) else -1 for s in i.shape)  # symbolic axes -> -1
                  for i in self.session.get_inputs()}

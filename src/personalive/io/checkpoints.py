@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from personalive.errors import CheckpointError, WeightsNotFoundError
+from personalive.errors import CheckpointError, WeightsNotFoundError, reason
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,22 @@ def find_weight_file(weights_dir: str | Path, name: str) -> Path:
     raise WeightsNotFoundError(f"{weights_dir / WEIGHT_FILES[name][-1]} not found; {FETCH_HINT.format(dir=weights_dir)}")
 
 
+def check_weights_folder(weights_dir: str | Path, command: str) -> None:
+    """WeightsNotFoundError when `weights_dir` does not exist, is not a folder, or holds no file of the layout; the
+    message names the folder and `command`, the one command that fills it."""
+    weights_dir = Path(weights_dir)
+    fix = f"fill it with `{command}`, or set weights_dir=<folder>"
+    if not weights_dir.exists():
+        raise WeightsNotFoundError(f"weights folder {weights_dir} does not exist; {fix}")
+    if not weights_dir.is_dir():
+        raise WeightsNotFoundError(f"weights_dir={weights_dir} is a file, not a folder; set weights_dir=<folder>")
+    layout = [rel for rels in WEIGHT_FILES.values() for rel in rels] + list(CONFIG_FILES.values())
+    if not any((weights_dir / rel).is_file() for rel in layout):
+        anything = any(p.is_file() for p in weights_dir.rglob("*"))
+        state = "holds no PersonaLive weights" if anything else "is empty"
+        raise WeightsNotFoundError(f"weights folder {weights_dir} {state}; {fix}")
+
+
 def read_config(weights_dir: str | Path, name: str) -> dict:
     """A diffusers/transformers `config.json` from the layout, as a dict."""
     path = Path(weights_dir) / CONFIG_FILES[name]
@@ -67,6 +83,7 @@ def read_config(weights_dir: str | Path, name: str) -> dict:
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict on the CPU without running code: safetensors, or a weights-only torch pickle."""
     path = Path(path)
+    _check_not_empty(path)
     try:
         if path.suffix == ".safetensors":
             state = load_file(path)
@@ -81,8 +98,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: refused to load, the file would run code when unpickled "
                               "(not a plain state dict); get the file from its official source") from e
     except (RuntimeError, EOFError, OSError, SafetensorError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated weights file ({str(e).splitlines()[0][:120]}); "
-                              "re-download it") from e
+        raise CheckpointError(f"{path}: corrupt or truncated weights file ({reason(e, 120)}); re-download it") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
     return state
@@ -94,12 +110,23 @@ def read_shapes(path: str | Path) -> dict[str, list[int]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        _check_not_empty(path)
         try:
             with safe_open(path, framework="pt") as f:
                 return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: corrupt or truncated weights file ({e}); re-download it") from e
+            raise CheckpointError(f"{path}: corrupt or truncated weights file ({reason(e, 120)}); re-download it") from e
     return {k: list(v.shape) for k, v in load_state_dict(path).items()}
+
+
+def _check_not_empty(path: Path) -> None:
+    """A 0-byte file (an interrupted copy or download) is named as such, before any reader sees it."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the weights file ({reason(e, 120)})") from e
+    if empty:
+        raise CheckpointError(f"{path}: empty file (0 bytes); re-download it")
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> None:

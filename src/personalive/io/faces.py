@@ -18,6 +18,7 @@ import torch
 
 from personalive.errors import BackendUnavailableError, NoFaceError
 from personalive.io.images import check_frame, resize_to_tensor
+from personalive.io.native_logs import quiet_native_logs
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ Box = tuple[int, int, int, int]  # (x1, y1, x2, y2) in pixels; x2, y2 exclusive 
 BOX_SCALE = 1.1  # official `scale_bb(face_box, scale=1.1, ...)`
 MIN_CROP = 8  # px; a smaller (degenerate) box is grown around its centre to this side
 CROP_SIZE = 224  # motion encoder input side (`MotionEncoderConfig.image_size`)
+WARM_UP_SIDE = 64  # px; a blank frame run once at start-up, while the graph's native log lines are held back
 MEDIAPIPE_PIN = "mediapipe==0.10.21"  # the newest release that still ships `mediapipe.solutions.face_mesh`
 
 
@@ -51,24 +53,28 @@ class FaceCropper:
             raise BackendUnavailableError(
                 f"mediapipe is not installed; run `pip install {MEDIAPIPE_PIN}` or use keypoint face boxes"
             )
-        import mediapipe  # slow to import, so only when asked for
+        with quiet_native_logs():
+            import mediapipe  # slow to import, so only when asked for
 
-        face_mesh = getattr(getattr(mediapipe, "solutions", None), "face_mesh", None)
-        if face_mesh is None:
-            raise BackendUnavailableError(
-                f"mediapipe {getattr(mediapipe, '__version__', '?')} has no "
-                f"solutions.face_mesh; run `pip install {MEDIAPIPE_PIN}`"
+            face_mesh = getattr(getattr(mediapipe, "solutions", None), "face_mesh", None)
+            if face_mesh is None:
+                raise BackendUnavailableError(
+                    f"mediapipe {getattr(mediapipe, '__version__', '?')} has no "
+                    f"solutions.face_mesh; run `pip install {MEDIAPIPE_PIN}`"
+                )
+            self.scale = scale
+            self._mesh = face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, min_detection_confidence=min_detection_confidence
             )
-        self.scale = scale
-        self._mesh = face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, min_detection_confidence=min_detection_confidence
-        )
+            # the graph starts its models on its own threads, which log as they go: one frame waits for them
+            self._mesh.process(np.zeros((WARM_UP_SIDE, WARM_UP_SIDE, 3), np.uint8))
 
     def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
         """FaceMesh's 468 landmarks of a uint8 RGB frame (H, W, 3) as float64 (468, 3): x / W, y / H and MediaPipe's
         relative depth z (about x's scale, smaller is nearer); None if no face is found."""
         check_frame(frame)
-        result = self._mesh.process(np.ascontiguousarray(frame))
+        with quiet_native_logs():  # MediaPipe's C++ logging, on the first frame of each graph
+            result = self._mesh.process(np.ascontiguousarray(frame))
         if not result.multi_face_landmarks:
             return None
         return np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark])
@@ -95,7 +101,8 @@ class FaceCropper:
         return crop_face(frame, box, size)
 
     def close(self) -> None:
-        self._mesh.close()
+        with quiet_native_logs():
+            self._mesh.close()
 
     def __enter__(self) -> FaceCropper:
         return self

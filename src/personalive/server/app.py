@@ -21,10 +21,12 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 from PIL import Image
+from starlette.middleware import Middleware
 
-from personalive.errors import ConfigError, ImageReadError, NoFaceError, VideoReadError
+from personalive.errors import ConfigError, ImageReadError, NoFaceError, ServerBusyError, VideoReadError
 from personalive.io.images import load_image
 from personalive.io.samples import sample_reference
+from personalive.server.guard import Limits, Pages, RequestGuard, check_image_file, check_video_file
 from personalive.server.output_view import add_output_view
 from personalive.server.outputs import OutputHub
 from personalive.server.session import FaceFinder, OutputFrame, prepare_reference
@@ -40,6 +42,9 @@ READOUT_EVERY = 0.25  # s between updates of the status and stats lines
 CAPTURE_JS = "() => performance.timeOrigin + performance.now()"
 SCREEN_EMPTY = '<span class="pl-readout">latency capture→screen p50 – ms, p95 – ms (webcam only)</span>'
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+NOT_CONNECTED = "This page is not connected to the server (it was closed or timed out); reload the page."
+PAGE_GONE_AFTER = 20.0  # s without the page's heartbeat and queue-data connections: its session closes
+DELETE_CACHE = (600, 3600)  # s: every 10 minutes, uploads and previews older than an hour leave gradio's cache
 EMPTY_OUTPUT = '<div class="pl-empty">The animation appears here.</div>'
 CSS = """
 #pl-output img { width: 100%; max-width: 512px; aspect-ratio: 1; display: block; margin: auto; }
@@ -69,14 +74,29 @@ def _preview(image: Image.Image, side: int = PREVIEW_SIDE) -> np.ndarray:
 
 
 def build_page(server: StreamServer, reference_size: tuple[int, int], faces: FaceFinder | None = None,
-               outputs: OutputHub | None = None) -> gr.Blocks:
+               outputs: OutputHub | None = None, limits: Limits | None = None,
+               pages: Pages | None = None) -> gr.Blocks:
     """The page for `server`; references are cropped to `reference_size` (height, width) around the face; animated
-    frames also go to `outputs`."""
+    frames also go to `outputs`; uploads larger than `limits` are refused before they are decoded; with `pages` (the
+    request guard's), the session of a page that lost its connections closes after PAGE_GONE_AFTER s."""
     settings = server.settings
     outputs = outputs or OutputHub()
+    limits = limits or Limits()
+    players: dict[str, int] = {}  # session -> the player that serves it (a replayed page load takes over)
 
     def session(request: gr.Request):
-        return server.session(request.session_hash)
+        """The tab's session, opened by its player, or here when the page acts before its player has started; a
+        request of a tab that is closed or not connected is a clean error (no traceback in the log)."""
+        key = request.session_hash
+        s = server.get(key)
+        if s is None and (pages is None or pages.connected(key, time.monotonic(), PAGE_GONE_AFTER)):
+            try:
+                s = server.session(key)
+            except ServerBusyError as e:
+                raise gr.Error(f"Server full: {e}", print_exception=False) from e
+        if s is None or s.closed:
+            raise gr.Error(NOT_CONNECTED, print_exception=False)
+        return s
 
     def on_webcam(frame: np.ndarray | None, captured: float | None, request: gr.Request) -> None:
         if frame is not None:
@@ -89,6 +109,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             return gr.skip(), server.status(s)
         name = "the sample" if sample else Path(image_path).name
         try:
+            check_image_file(image_path, limits)  # a huge image is refused from its header, before decoding
             image = prepare_reference(load_image(image_path), *reference_size, faces)
         except (ImageReadError, NoFaceError) as e:
             s.notice = str(e).replace(str(image_path), name)  # no server paths on the page
@@ -112,6 +133,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             s.notice = "Fuse a reference portrait first."
         else:
             try:
+                check_video_file(video_path, limits)
                 s.play_video(video_path)
                 s.notice = ""
             except VideoReadError as e:
@@ -134,8 +156,9 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
         s.restart()
         return server.status(s)
 
-    def on_fps(fps: float, request: gr.Request) -> None:
-        session(request).set_fps(float(fps))
+    def on_fps(fps: float | None, request: gr.Request) -> None:
+        if fps is not None:
+            session(request).set_fps(min(max(float(fps), 1.0), WEBCAM_FPS))  # the slider's range
 
     def on_seed(seed: float | None, request: gr.Request) -> None:
         if seed is not None:
@@ -143,11 +166,20 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
 
     async def player(request: gr.Request):
         """Runs while the tab is open: slot bookkeeping, paced frames out, readout every READOUT_EVERY s."""
-        s = session(request)
+        try:
+            s = server.session(request.session_hash)  # the tab's session opens here
+        except ServerBusyError as e:
+            yield gr.skip(), f"**Server full:** {e}", gr.skip(), gr.skip()
+            return
+        turn = players[s.key] = players.get(s.key, 0) + 1
         shown_status = shown_stats = shown_outputs = None
         next_readout = 0.0
-        while not s.closed:
+        while not s.closed and players.get(s.key) == turn:
             now = time.monotonic()
+            if pages is not None and not pages.connected(s.key, now, PAGE_GONE_AFTER):
+                logger.info("session %s: its page is gone (no connection for %.0f s)", s.key[:8], PAGE_GONE_AFTER)
+                server.close_session(s.key)
+                break
             server.update(s, now)
             frame = s.next_output(now)
             if frame is not None:
@@ -164,12 +196,15 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             if frame is not None or any(isinstance(x, str) for x in (status, stats, outputs_line)):
                 yield _frame_html(frame) if frame is not None else gr.skip(), status, stats, outputs_line
             wait = s.wait_time(time.monotonic())
-            await asyncio.sleep(0.05 if wait is None else min(wait, 0.05))
+            idle = READOUT_EVERY if s.worker is None else 0.05  # a page without a stream costs the server less
+            await asyncio.sleep(idle if wait is None else min(wait, 0.05))
+        if players.get(s.key) == turn:
+            del players[s.key]
 
     def on_unload(request: gr.Request) -> None:
         server.close_session(request.session_hash)
 
-    with gr.Blocks(title="PersonaLive online", analytics_enabled=False) as page:
+    with gr.Blocks(title="PersonaLive online", analytics_enabled=False, delete_cache=DELETE_CACHE) as page:
         gr.Markdown(_text("page.md"))
         status = gr.Markdown(FIRST_STATUS, elem_id="pl-status")
         with gr.Row(equal_height=False):
@@ -208,10 +243,9 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
         every = dict(stream_every=1 / WEBCAM_FPS, time_limit=None)
         webcam.stream(None, outputs=[captured], js=CAPTURE_JS, **every, **quick)  # first: see CAPTURE_JS
         webcam.stream(on_webcam, inputs=[webcam, captured], outputs=None, **every, **quick)
-        fuse_button.click(on_fuse, inputs=[reference_file], outputs=[reference_view, status],
-                          concurrency_limit=None, show_progress="minimal")
-        sample_button.click(on_sample, outputs=[reference_view, status], concurrency_limit=None,
-                            show_progress="minimal")
+        decode = dict(concurrency_limit=2, concurrency_id="decode", show_progress="minimal")  # bounded memory
+        fuse_button.click(on_fuse, inputs=[reference_file], outputs=[reference_view, status], **decode)
+        sample_button.click(on_sample, outputs=[reference_view, status], **decode)
         play_button.click(on_play, inputs=[video], outputs=[status], **quick)
         start_button.click(on_start, outputs=[status], **quick)
         stop_button.click(on_stop, outputs=[status], **quick)
@@ -221,6 +255,25 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
         page.load(player, outputs=[output, status, stats, outputs_line], **quick)
         page.unload(on_unload)
     return page
+
+
+def signatures(page: gr.Blocks) -> dict[int, tuple[str, ...]]:
+    """Each event handler of `page` (gradio's fn_index) -> the kind of each input (guard.INPUT_KINDS, a slider
+    with its range), for the request guard."""
+
+    def kind(component: gr.components.Component) -> str:
+        if isinstance(component, gr.File | gr.Video):
+            return "file"
+        if isinstance(component, gr.Image):
+            return "image"
+        if isinstance(component, gr.Number) and not component.visible:
+            return "time"  # the webcam frame's capture time
+        if isinstance(component, gr.Slider):
+            return f"number {component.minimum:g} {component.maximum:g}"  # gradio refuses others with a traceback
+        return "number" if isinstance(component, gr.Number) else "any"
+
+    return {fn_id: tuple(kind(c) for c in fn.inputs) for fn_id, fn in page.fns.items()
+            if fn.fn is not None}  # an event that runs in the browser alone has nothing to call here
 
 
 def check_address(host: str, port: int) -> None:
@@ -243,9 +296,10 @@ def check_address(host: str, port: int) -> None:
 
 def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "127.0.0.1", port: int = 7860,
            max_upload_mb: float = 50, block: bool = True, quiet: bool = False,
-           outputs: OutputHub | None = None) -> gr.Blocks:
+           outputs: OutputHub | None = None, limits: Limits | None = None) -> gr.Blocks:
     """Serve the page (and the output view of `outputs`) on host:port; with `block` until Ctrl-C (then the workers
-    and outputs stop), else in the background.
+    and outputs stop), else in the background. `limits` (default: the guard's, with `max_upload_mb`) caps what
+    requests and uploads may hold.
 
     Raises:
         ConfigError: the port is taken or the host cannot be bound.
@@ -256,11 +310,18 @@ def launch(server: StreamServer, reference_size: tuple[int, int], host: str = "1
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     faces = FaceFinder()
     outputs = outputs or OutputHub()
-    page = build_page(server, reference_size, faces, outputs)
+    limits = limits or Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    pages = Pages()
+    page = build_page(server, reference_size, faces, outputs, limits, pages)
     page.queue(default_concurrency_limit=None, max_size=256)
+
+    def listening(session: str) -> bool:  # gradio answers a page's queue data only while it keeps its messages
+        return session in page._queue.pending_messages_per_session
     try:
         page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True,
-                    max_file_size=int(max_upload_mb * 1024 * 1024),  # bytes: gradio's "<n>mb" takes integers only
+                    max_file_size=limits.max_upload_bytes,  # bytes: gradio's "<n>mb" takes integers only
+                    app_kwargs={"middleware": [Middleware(RequestGuard, limits=limits, pages=pages,
+                                                          signatures=signatures(page), listening=listening)]},
                     prevent_thread_lock=True, quiet=quiet, css=CSS, js=_text("screen_latency.js"),
                     footer_links=["gradio"])
         add_output_view(page.app, outputs)

@@ -399,6 +399,8 @@ class Session:
         self.notice = ""  # last message for the page (errors, hints)
         self.error: str | None = None  # the stream failed; cleared by the next (re)start
         self.rejected = 0  # driving frames that were not images
+        self.received = 0  # webcam frames that reached the session
+        self.limited = 0  # webcam frames left out by the driving FPS (the webcam sends more)
         self.step_time: float | None = None  # moving average of the engine step (s)
         self.worker: Any = None  # the worker serving this session (set by the server)
         self.waiting: tuple[int, int] | None = None  # (position, waiting) while queued for a slot
@@ -442,6 +444,7 @@ class Session:
         """A webcam frame arrived (captured by the page at `captured`, ms of the browser's clock); it joins the stream
         unless a video plays, Stop was pressed or nothing is fused."""
         with self._lock:
+            self.received += 1
             if self.closed or self.stopped or self.source == "video":
                 return
             if self.reference is None:
@@ -452,6 +455,7 @@ class Session:
                 self.restart()
             self._last_input = now
             if not self.limiter.accept(now):
+                self.limited += 1
                 return
         self._push(frame, Stamp(now, captured))
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from personalive.config import PersonaLiveConfig
-from personalive.errors import BackendUnavailableError, ConfigError, PersonaLiveError
+from personalive.errors import BackendUnavailableError, ConfigError, PersonaLiveError, ServerBusyError, reason
 from personalive.io.images import frames_to_tensor, to_uint8
 from personalive.pipelines.build import build_engine, resolve_device
 from personalive.server.session import Session, Stamp
@@ -86,8 +86,7 @@ class Worker:
                 session = self._session
             if session is None:
                 if self._fused is not None:
-                    self.engine.reset()  # release the stream's state while idle
-                    self._fused = None
+                    self._release_engine()  # the stream's state goes while idle
                 continue
             epoch = session.epoch
             try:
@@ -95,11 +94,20 @@ class Worker:
             except PersonaLiveError as e:
                 logger.warning("stream of session %s stopped: %s", session.key[:8], e)
                 session.fail(epoch, str(e))
-                self._fused = None
+                self._release_engine()
             except Exception as e:  # a bug: keep the server and the other streams running, log the traceback
                 logger.exception("engine on %s failed", self.name)
-                session.fail(epoch, f"The engine failed ({type(e).__name__}: {e}); see the server log.")
-                self._fused = None
+                session.fail(epoch, f"The engine failed ({type(e).__name__}: {reason(e)}); see the server log.")
+                self._release_engine()
+
+    def _release_engine(self) -> None:
+        """Forget the stream the engine held (a failed step may have left it half-updated)."""
+        self._fused = None
+        self._stamps.clear()
+        try:
+            self.engine.reset()
+        except Exception:  # the worker thread must live on: its slot would be lost
+            logger.exception("engine on %s failed to reset", self.name)
 
     def _serve(self, session: Session) -> None:
         """One round: (re-)fuse if the session restarted, then one step if a chunk of frames is ready."""
@@ -197,15 +205,17 @@ class StreamServer:
     Args:
         workers: one per device; height, width, window, fps, seed: session settings (from the config);
         idle_timeout: seconds without webcam frames that end a webcam stream;
-        stale_after: seconds after which a session whose page stopped asking for frames is closed.
+        stale_after: seconds after which a session whose page stopped asking for frames is closed;
+        max_sessions: open pages at most (each polls the server); more are told the server is full.
     """
 
     def __init__(self, workers: Sequence[Worker], height: int, width: int, window: int, fps: float, seed: int,
-                 idle_timeout: float = 2.0, stale_after: float = 60.0):
+                 idle_timeout: float = 2.0, stale_after: float = 60.0, max_sessions: int = 64):
         self.workers = list(workers)
         self.pool = SlotPool(self.workers)
         self.settings = dict(height=height, width=width, window=window, fps=fps, seed=seed, idle_timeout=idle_timeout)
         self.stale_after = stale_after
+        self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
         self._closed: deque[str] = deque(maxlen=4096)  # recently closed tabs: late requests must not revive them
         self._lock = threading.Lock()
@@ -214,11 +224,27 @@ class StreamServer:
     def capacity(self) -> int:
         return self.pool.capacity
 
+    def sessions(self) -> list[Session]:
+        """The open sessions (a snapshot)."""
+        with self._lock:
+            return list(self._sessions.values())
+
+    def get(self, key: str) -> Session | None:
+        """The open session of browser session `key`, or None (never opened, or closed)."""
+        with self._lock:
+            return self._sessions.get(key)
+
     def session(self, key: str) -> Session:
-        """The session of browser session `key` (created on first use; a closed one stays closed)."""
+        """The session of browser session `key` (created on first use; a closed one stays closed).
+
+        Raises:
+            ServerBusyError: `max_sessions` pages are open already.
+        """
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
+                if len(self._sessions) >= self.max_sessions and key not in self._closed:
+                    raise ServerBusyError(f"{self.max_sessions} pages are open already; try again later")
                 session = Session(key, **self.settings)
                 if key in self._closed:
                     session.closed = True  # a request that arrived after its tab closed
