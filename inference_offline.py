@@ -10,7 +10,8 @@ import sys
 
 from personalive.cli import BooleanFlag, add_common_arguments, parse_args, run
 from personalive.config import load_config
-from personalive.pipelines.offline import ACCELERATIONS, FACE_CROPS, OfflineOptions, run_offline
+from personalive.pipelines.build import ACCELERATIONS
+from personalive.pipelines.offline import FACE_CROPS, OfflineOptions, run_offline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"seed": args.seed, "device": args.device, "width": args.W, "height": args.H,
              "reference_image_width": args.W, "reference_image_height": args.H}
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    if args.use_xformers is not None or args.acceleration == "xformers":
-        overrides.append(f"attention={'xformers' if args.use_xformers is not False else 'sdpa'}")
+    if args.use_xformers is not None:  # --acceleration xformers: build_engine sets the attention
+        overrides.append(f"attention={'xformers' if args.use_xformers else 'sdpa'}")
     options = OfflineOptions(max_frames=args.L, stream=args.stream_gen, side_by_side=args.side_by_side,
                              face_crops=args.face_crops, acceleration=args.acceleration, name=args.name)
 

@@ -12,9 +12,10 @@ import sys
 from personalive.cli import add_common_arguments, parse_args, run
 from personalive.config import load_config
 from personalive.errors import ConfigError
+from personalive.pipelines.build import ACCELERATIONS
 from personalive.server.app import WEBCAM_FPS, check_address, launch
 from personalive.server.outputs import open_outputs
-from personalive.server.worker import ACCELERATIONS, build_server
+from personalive.server.worker import build_server
 
 
 def main(argv: list[str] | None = None) -> int:

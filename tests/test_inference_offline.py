@@ -38,10 +38,15 @@ def captured(script, monkeypatch):
 @pytest.mark.parametrize("argv, attention", [
     ([], "sdpa"), (["--use_xformers"], "xformers"), (["--use_xformers", "true"], "xformers"),
     (["--use_xformers", "false"], "sdpa"), (["--use_xformers", "False"], "sdpa"), (["--use_xformers=no"], "sdpa"),
-    (["--no-use_xformers"], "sdpa"), (["--acceleration", "xformers"], "xformers")])
+    (["--no-use_xformers"], "sdpa")])
 def test_use_xformers_really_turns_off(captured, argv, attention):
     cfg, *_ = captured(*argv)
     assert cfg.attention == attention
+
+
+def test_acceleration_reaches_the_options(captured):
+    cfg, *_, options = captured("--acceleration", "xformers")  # build_engine then sets attention=xformers
+    assert options.acceleration == "xformers" and cfg.attention == "sdpa"
 
 
 def test_flags_and_overrides_reach_the_config(captured):

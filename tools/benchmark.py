@@ -72,8 +72,8 @@ from personalive.models.attention_processors import (
     install_reference_attention,
     set_attention_savings,
 )
-from personalive.pipelines.build import build_engine
-from personalive.pipelines.offline import ACCELERATIONS, set_acceleration
+from personalive.pipelines import build
+from personalive.pipelines.build import ACCELERATIONS
 from personalive.weights import build_models, network_configs
 
 logger = logging.getLogger("benchmark")
@@ -371,11 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             name, _, variant = split_label(backend, savings[0])
             cfg = load_config(args.config, [f"device={args.device}"] * bool(args.device) + args.overrides
-                              + ["attention=xformers"] * (name == "xformers") + [v for v in variant.split("+") if v])
-            if (cfg.attention, variant) not in engines:
-                engines[cfg.attention, variant] = build_engine(cfg)
-            engine = engines[cfg.attention, variant]
-            set_acceleration(engine, cfg, name)
+                              + [v for v in variant.split("+") if v])
+            attention = "xformers" if name == "xformers" else "none"  # the PyTorch backend of the models
+            if (attention, variant) not in engines:
+                engines[attention, variant] = build.build_engine(cfg, acceleration=attention)
+            engine = engines[attention, variant]
+            factory = build.exported_step_factory(name)
+            engine.step_fn = factory(name, engine, cfg) if factory is not None else None
             step_fns[backend] = (engine, engine.step_fn)
             engine.step_fn = None
         rounds: dict[str, list[dict]] = {b: [] for b in backends}

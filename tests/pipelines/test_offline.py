@@ -11,7 +11,6 @@ from conftest import write_sine, write_undecodable_video
 from PIL import Image
 
 from personalive.errors import (
-    BackendUnavailableError,
     ConfigError,
     ImageReadError,
     NoFaceError,
@@ -30,7 +29,6 @@ from personalive.pipelines.offline import (
     prepare_reference,
     reflect_index,
     run_offline,
-    set_acceleration,
     stream_video,
 )
 from personalive.pipelines.stream import StreamEngine
@@ -300,8 +298,5 @@ def test_bad_options(tmp_path, tiny_cfg, monkeypatch):
         run(tiny_cfg, None, tmp_path / "x.mp4", max_frames=0)
     with pytest.raises(ConfigError, match="face_crops='dlib'"):
         run(tiny_cfg, None, tmp_path / "x.mp4", face_crops="dlib")
-    monkeypatch.setitem(__import__("sys").modules, "personalive.export.runtime", None)  # as if not installed
-    with pytest.raises(BackendUnavailableError, match="--acceleration tensorrt is unavailable"):
-        set_acceleration(None, tiny_cfg, "tensorrt")
     monkeypatch.setattr(offline, "mediapipe_available", lambda: False)
     assert offline.open_face_cropper("auto") is None  # falls back to keypoint boxes, with a warning

@@ -18,7 +18,7 @@ from PIL import Image
 from personalive.errors import BackendUnavailableError, ConfigError, NoFaceError, ServerBusyError
 from personalive.pipelines.stream import StreamEngine
 from personalive.server.session import Session, Stamp
-from personalive.server.worker import SlotPool, StreamServer, Worker, build_server, step_fn_factory
+from personalive.server.worker import SlotPool, StreamServer, Worker, build_server
 
 H = W = 16
 
@@ -363,16 +363,6 @@ def test_build_server_fails_before_loading_anything(tiny_cfg):
             build_server(tiny_cfg, ["cpu"], acceleration="xformers")
 
 
-def test_export_backends_are_imported_only_when_asked():
-    assert step_fn_factory("none") is None and step_fn_factory("xformers") is None
-    try:
-        factory = step_fn_factory("tensorrt")
-    except BackendUnavailableError as e:
-        assert "--acceleration tensorrt" in str(e)
-    else:
-        assert callable(factory)
-
-
 def test_build_server_loads_one_engine_per_device(tiny_cfg, monkeypatch):
     calls = []
 
@@ -380,7 +370,7 @@ def test_build_server_loads_one_engine_per_device(tiny_cfg, monkeypatch):
         calls.append((acceleration, engine, cfg))
         return None
 
-    monkeypatch.setattr("personalive.server.worker.step_fn_factory", lambda acceleration: create_step_fn)
+    monkeypatch.setattr("personalive.pipelines.build.exported_step_factory", lambda acceleration: create_step_fn)
     server = build_server(tiny_cfg, ["cpu"], acceleration="onnxruntime")
     try:
         assert server.capacity == 1 and server.workers[0].name == "cpu"

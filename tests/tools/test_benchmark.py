@@ -30,12 +30,12 @@ def test_benchmark_help_names_the_malloc_settings(capsys):
 
 
 def test_backends_compared_in_one_run_report_speedups(tmp_path, tiny_weights, monkeypatch):
-    import personalive.pipelines.offline as offline
+    import personalive.pipelines.build as build
 
-    def fake_backend(engine, cfg, acceleration):  # a second backend without exporting: the torch step, renamed
-        engine.step_fn = engine.step_module if acceleration == "onnxruntime" else None
+    def fake_factory(acceleration):  # a second backend without exporting: the torch step, renamed
+        return (lambda acceleration, engine, cfg: engine.step_module) if acceleration == "onnxruntime" else None
 
-    monkeypatch.setattr(offline, "set_acceleration", fake_backend)
+    monkeypatch.setattr(build, "exported_step_factory", fake_factory)
     out = tmp_path / "bench.json"
     argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "8",
             "--warmup", "0", "--rounds", "2", "--acceleration", "none,onnxruntime", "--json", str(out),

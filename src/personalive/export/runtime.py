@@ -6,12 +6,12 @@ six torch tensors on the engine's device. Everything else (reference fusion, key
 keyframe decisions) stays in PyTorch. The reference inputs always carry exactly the valid tokens (the reference
 and the keyframes added so far): no padding to a maximum length.
 
-- "none": PyTorch (SDPA attention); "xformers": PyTorch with xformers attention (CUDA only).
 - "onnxruntime": `onnx/unet_opt/unet_opt.onnx` if present, else `onnx/unet/unet.onnx`; CPU execution provider
   on the CPU, CUDA execution provider on a CUDA device (needs onnxruntime-gpu). Tensors are bound in place.
 - "tensorrt": `tensorrt/unet_work.engine` (TensorRT 10, CUDA only), torch tensors as device buffers.
 
-tensorrt and onnxruntime are imported only when asked for. A missing file is a `BackendUnavailableError`, a file
+tensorrt and onnxruntime are imported only when asked for. The PyTorch backends ("none", "xformers") and the
+choice between all of them are `personalive.pipelines.build.build_engine`'s. A missing file is a `BackendUnavailableError`, a file
 built for other shapes or other weights a `CheckpointError`; both name the file and the command that fixes it.
 """
 
@@ -31,7 +31,7 @@ from personalive.export.specs import StreamStepSpec, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
-ACCELERATIONS = ("none", "xformers", "tensorrt", "onnxruntime")
+BACKENDS = ("tensorrt", "onnxruntime")
 ENGINE_PATH = Path("tensorrt/unet_work.engine")
 EXPORT_HINT = "python torch2trt.py --config <this config> {flags}"
 StepFn = Callable[..., tuple]
@@ -39,29 +39,19 @@ StepFn = Callable[..., tuple]
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
-def create_step_fn(acceleration: str, engine, cfg=None, directory: str | Path | None = None) -> StepFn | None:
-    """The step function for `acceleration`, for `engine` (a `StreamEngine`); None means the PyTorch step.
+def create_step_fn(acceleration: str, engine, cfg=None, directory: str | Path | None = None) -> StepFn:
+    """The exported step for `acceleration`, for `engine` (a `StreamEngine`).
 
     Args:
-        acceleration: one of `ACCELERATIONS`.
+        acceleration: one of `BACKENDS`.
         engine: the streaming engine (its models, device, dtype and config define the expected shapes).
         cfg: the run config (default: the engine's).
         directory: where `onnx/` and `tensorrt/` are (default: the config's weights_dir, torch2trt.py's default).
     Use: `engine.step_fn = create_step_fn("onnxruntime", engine)`.
     """
     cfg = cfg or engine.cfg
-    if acceleration not in ACCELERATIONS:
-        raise ConfigError(f"acceleration={acceleration!r} is unknown; use one of {', '.join(ACCELERATIONS)}")
-    if acceleration == "none":
-        return None
-    if acceleration == "xformers":
-        from personalive.models.attention_processors import set_attention_backend
-
-        if engine.device.type != "cuda":
-            raise BackendUnavailableError("acceleration=xformers needs a CUDA device; use --acceleration none")
-        for model in (engine.models.reference_unet, engine.models.denoising_unet):
-            set_attention_backend(model, "xformers")
-        return None
+    if acceleration not in BACKENDS:
+        raise ConfigError(f"acceleration={acceleration!r} has no exported step; use one of {', '.join(BACKENDS)}")
     directory = resolve_path(directory or cfg.weights_dir)
     spec = StreamStepSpec.from_engine(engine)
     if acceleration == "onnxruntime":

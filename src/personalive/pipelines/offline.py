@@ -48,18 +48,18 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from personalive.config import PersonaLiveConfig
-from personalive.errors import BackendUnavailableError, ConfigError
+from personalive.errors import ConfigError
 from personalive.io.faces import FaceCropper, crop_face, mediapipe_available
 from personalive.io.images import fit_frame, frames_to_tensor, load_image, resize_to_tensor, to_uint8
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader, VideoWriter
+from personalive.pipelines.build import ACCELERATIONS, build_engine
 from personalive.pipelines.nonstream import animate_clip
 from personalive.pipelines.stream import StreamEngine
 from personalive.weights import require_weights
 
 logger = logging.getLogger(__name__)
 
-ACCELERATIONS = ("none", "xformers", "tensorrt", "onnxruntime")
 FACE_CROPS = ("auto", "mediapipe", "keypoints")
 LONG_CLIP_FRAMES = 300  # --stream_gen false warns above this many frames (it holds the whole clip)
 
@@ -82,7 +82,7 @@ class OfflineOptions:
     stream: bool = True  # False: the official whole-clip pipeline (`nonstream.animate_clip`), for comparison
     side_by_side: bool = False  # also write <output>_side_by_side.mp4: reference | driving | result
     face_crops: str = "auto"  # auto (mediapipe if installed) | mediapipe | keypoints
-    acceleration: str = "none"  # none | xformers | tensorrt | onnxruntime (see `set_acceleration`)
+    acceleration: str = "none"  # none | xformers | tensorrt | onnxruntime (see `build.build_engine`)
     name: str = "personalive_offline"  # default output folder: results/<name>/
     progress: bool = True  # tqdm bar on stderr
 
@@ -292,24 +292,6 @@ def whole_clip(engine: StreamEngine, reference: Image.Image, ref_face: Face,
 # The whole job
 
 
-def set_acceleration(engine: StreamEngine, cfg: PersonaLiveConfig, acceleration: str) -> None:
-    """Put the engine's step on a backend: none/xformers run PyTorch (xformers is `cfg.attention`, chosen before
-    the models load); tensorrt/onnxruntime take their step function from `personalive.export.runtime`."""
-    if acceleration not in ACCELERATIONS:
-        raise ConfigError(f"acceleration={acceleration!r}; use one of {', '.join(ACCELERATIONS)}")
-    if acceleration in ("none", "xformers"):
-        return
-    try:
-        from personalive.export.runtime import create_step_fn
-    except ModuleNotFoundError as e:
-        missing = "this installation has no personalive.export.runtime" if (e.name or "").startswith(
-            "personalive") else f"{e.name} is not installed"
-        raise BackendUnavailableError(
-            f"--acceleration {acceleration} is unavailable ({missing}); use --acceleration none"
-        ) from e
-    engine.step_fn = create_step_fn(acceleration, engine, cfg)
-
-
 def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = None,
                 driving: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
                 options: OfflineOptions | None = None, engine: StreamEngine | None = None) -> OfflineResult:
@@ -350,10 +332,7 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
         cropper = stack.enter_context(face_cropper(options.face_crops))
         image, ref_face = prepare_reference(reference, cropper, crop_size, image)
         if engine is None:
-            from personalive.pipelines.build import build_engine
-
-            engine = build_engine(cfg)
-            set_acceleration(engine, cfg, options.acceleration)
+            engine = build_engine(cfg, acceleration=options.acceleration)
         height, width = engine.cfg.height, engine.cfg.width
         faces = DrivingFaces(cropper, crop_size, str(driving))
         frames = islice(chain([first], decoded), options.max_frames)

@@ -14,25 +14,23 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from personalive.config import PersonaLiveConfig
-from personalive.errors import BackendUnavailableError, ConfigError, PersonaLiveError, ServerBusyError, reason
+from personalive.errors import ConfigError, PersonaLiveError, ServerBusyError, reason
 from personalive.io.images import frames_to_tensor, to_uint8
-from personalive.pipelines.build import build_engine, resolve_device
+from personalive.pipelines.build import build_engine, check_acceleration, resolve_device
 from personalive.server.session import Session, Stamp
 
 logger = logging.getLogger(__name__)
 
-ACCELERATIONS = ("none", "xformers", "tensorrt", "onnxruntime")
 FIRST_STATUS = "Upload a reference portrait and press **Fuse**, or press **Use sample**."
 
 
@@ -330,29 +328,6 @@ class StreamServer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def step_fn_factory(acceleration: str) -> Callable[..., Any] | None:
-    """`create_step_fn(acceleration, engine, cfg)` of the export runtime for tensorrt/onnxruntime, else None.
-
-    Raises:
-        ConfigError: unknown acceleration; BackendUnavailableError: the runtime or its package is not installed.
-    """
-    if acceleration not in ACCELERATIONS:
-        raise ConfigError(f"--acceleration {acceleration} is unknown; use one of {', '.join(ACCELERATIONS)}")
-    if acceleration not in ("tensorrt", "onnxruntime"):
-        return None
-    try:
-        from personalive.export.runtime import create_step_fn  # heavy, optional: only when asked for
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("personalive"):
-            raise BackendUnavailableError(
-                f"--acceleration {acceleration} needs personalive.export.runtime, which this installation lacks; "
-                f"use --acceleration none") from e
-        raise BackendUnavailableError(
-            f"--acceleration {acceleration} needs the {e.name} package; "
-            f"run `pip install -r requirements-gpu.txt` or use --acceleration none") from e
-    return create_step_fn
-
-
 def resolve_devices(names: Sequence[str]) -> list[torch.device]:
     """Device names -> devices, each usable and listed once ("cuda" is "cuda:<current>")."""
     devices: list[torch.device] = []
@@ -375,12 +350,9 @@ def build_server(cfg: PersonaLiveConfig, devices: Sequence[str] | None = None, a
         acceleration: none | xformers | tensorrt | onnxruntime;
         max_streams: streams at once (default and maximum: one per device).
     """
-    if acceleration == "xformers":
-        cfg = dataclasses.replace(cfg, attention="xformers")
-    factory = step_fn_factory(acceleration)  # fails before any model loads
     resolved = resolve_devices(devices or [cfg.device])
-    if acceleration == "tensorrt" and any(d.type != "cuda" for d in resolved):
-        raise BackendUnavailableError("--acceleration tensorrt needs CUDA devices; use --acceleration none on the CPU")
+    for device in resolved:
+        check_acceleration(acceleration, device)  # fails before any model loads
     streams = len(resolved) if max_streams is None else max_streams
     if streams < 1:
         raise ConfigError(f"--max-streams {streams}: must be at least 1")
@@ -393,9 +365,7 @@ def build_server(cfg: PersonaLiveConfig, devices: Sequence[str] | None = None, a
     workers = []
     for device in resolved:
         engine_cfg = copy.deepcopy(cfg)  # each engine owns its config: the seed changes per stream
-        engine = build_engine(engine_cfg, device)
-        if factory is not None:
-            engine.step_fn = factory(acceleration, engine, engine_cfg)
+        engine = build_engine(engine_cfg, device, acceleration)
         workers.append(Worker(engine, str(device)))
         logger.info("engine ready on %s (%s, acceleration %s)", device, engine.dtype, acceleration)
     return StreamServer(workers, cfg.height, cfg.width, cfg.temporal_window_size, cfg.fps, cfg.seed, **server_kwargs)
