@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from personalive.export.onnx import ONNX_PATH, OPTIMIZED_PATH, export_onnx, optimize_onnx, read_metadata, verify_onnx
+from personalive.export.artifacts import ONNX_PATH, OPTIMIZED_PATH, read_metadata
+from personalive.export.onnx import export_onnx, optimize_onnx, verify_onnx
 from personalive.export.runtime import OnnxRuntimeStep
 from personalive.export.specs import OPSET, OUTPUT_NAMES, ExportableStep, StreamStepSpec
 from personalive.pipelines.stream import StreamEngine

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from personalive.errors import BackendUnavailableError, CheckpointError, ConfigError
-from personalive.export.onnx import ONNX_PATH
+from personalive.export.artifacts import ONNX_PATH
 from personalive.export.runtime import BACKENDS, OnnxRuntimeStep, create_step_fn
 from personalive.pipelines.stream import StreamEngine
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from personalive.errors import BackendUnavailableError, CheckpointError
-from personalive.export.onnx import ONNX_PATH
-from personalive.export.runtime import ENGINE_PATH, TensorRTStep, create_step_fn
+from personalive.export.artifacts import ENGINE_PATH, ONNX_PATH, require_cuda, require_tensorrt
+from personalive.export.runtime import TensorRTStep, create_step_fn
 from personalive.export.specs import ExportableStep, StreamStepSpec
-from personalive.export.tensorrt import build_tensorrt_engine, require_cuda, require_tensorrt
+from personalive.export.tensorrt import build_tensorrt_engine
 from personalive.pipelines.stream import StreamEngine
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None

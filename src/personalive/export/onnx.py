@@ -8,7 +8,6 @@ name and renamed when complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -21,13 +20,11 @@ import onnx
 import torch
 
 from personalive.errors import CheckpointError
+from personalive.export.artifacts import METADATA, ONNX_PATH, OPTIMIZED_PATH, read_metadata, write_metadata
 from personalive.export.specs import OPSET, ExportableStep, StreamStepSpec, versions, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
-ONNX_PATH = Path("onnx/unet/unet.onnx")
-OPTIMIZED_PATH = Path("onnx/unet_opt/unet_opt.onnx")
-METADATA = "export.json"
 PROTOBUF_LIMIT = 2**31  # a single ONNX file cannot exceed 2 GB; larger models keep their weights beside it
 
 
@@ -35,15 +32,6 @@ def export_key(spec: StreamStepSpec, cfg) -> dict:
     """Everything a cached export depends on."""
     return {**spec.key(), "opset": OPSET, "weights": weights_fingerprint(cfg),
             "versions": versions("torch", "onnx", "diffusers", "personalive")}
-
-
-def read_metadata(model_path: str | Path) -> dict:
-    """The `export.json` beside a model file ({} when missing or unreadable)."""
-    path = Path(model_path).parent / METADATA
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def export_onnx(engine, directory: str | Path, *, force: bool = False, external_data: bool | None = None) -> Path:
@@ -100,11 +88,6 @@ def export_onnx(engine, directory: str | Path, *, force: bool = False, external_
         shutil.rmtree(work, ignore_errors=True)
     logger.info("wrote %s", path)
     return path
-
-
-def write_metadata(model_path: Path, key: dict, cfg, **extra) -> None:
-    data = {"key": key, **extra, "config": dataclasses.asdict(cfg)}
-    (model_path.parent / METADATA).write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

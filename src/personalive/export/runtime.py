@@ -11,8 +11,10 @@ and the keyframes added so far): no padding to a maximum length.
 - "tensorrt": `tensorrt/unet_work.engine` (TensorRT 10, CUDA only), torch tensors as device buffers.
 
 tensorrt and onnxruntime are imported only when asked for. The PyTorch backends ("none", "xformers") and the
-choice between all of them are `personalive.pipelines.build.build_engine`'s. A missing file is a `BackendUnavailableError`, a file
-built for other shapes or other weights a `CheckpointError`; both name the file and the command that fixes it.
+choice between all of them are `personalive.pipelines.build.build_engine`'s. A missing file is a
+`BackendUnavailableError`, a file built for other shapes or other weights a `CheckpointError`; both name the file
+and the command that fixes it. The runtime reads what the exporter wrote through `artifacts` only: it does not
+import the exporter.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ import torch
 
 from personalive.config import resolve_path
 from personalive.errors import BackendUnavailableError, CheckpointError, ConfigError, reason
-from personalive.export.onnx import ONNX_PATH, OPTIMIZED_PATH, read_metadata
+from personalive.export.artifacts import (
+    ENGINE_PATH,
+    EXPORT_HINT,
+    ONNX_PATH,
+    OPTIMIZED_PATH,
+    ORT_TYPES,
+    numpy_dtype,
+    read_metadata,
+    require_tensorrt,
+    trt_torch_dtype,
+)
 from personalive.export.specs import StreamStepSpec, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "onnxruntime")
-ENGINE_PATH = Path("tensorrt/unet_work.engine")
-EXPORT_HINT = "python torch2trt.py --config <this config> {flags}"
 StepFn = Callable[..., tuple]
-
-_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
 
 def create_step_fn(acceleration: str, engine, cfg=None, directory: str | Path | None = None) -> StepFn:
@@ -59,8 +67,6 @@ def create_step_fn(acceleration: str, engine, cfg=None, directory: str | Path | 
         path = optimized if optimized.exists() else directory / ONNX_PATH
         _check_export(path, cfg, "--onnx-only")
         return OnnxRuntimeStep(path, spec, engine.device)
-    from personalive.export.tensorrt import require_tensorrt
-
     require_tensorrt()  # what is missing first, then which file
     _require_cuda_for_tensorrt(engine.device)  # before the file check: the first thing to fix
     path = directory / ENGINE_PATH
@@ -144,11 +150,11 @@ class OnnxRuntimeStep:
             raise CheckpointError(f"{problem}; re-export with `{EXPORT_HINT.format(flags='--onnx-only --force')}`")
         types = {i.name: i.type for i in self.session.get_inputs()}
         types.update({o.name: o.type for o in self.session.get_outputs()})
-        unknown = sorted({t for t in types.values() if t not in _ORT_TYPES})
+        unknown = sorted({t for t in types.values() if t not in ORT_TYPES})
         if unknown:
             raise CheckpointError(f"{self.path} uses tensor types {unknown}; export it in fp32 or fp16")
-        self.input_dtypes = [_ORT_TYPES[types[name]] for name in spec.input_names]
-        self.graph_output_dtypes = [_ORT_TYPES[types[name]] for name in spec.output_names]
+        self.input_dtypes = [ORT_TYPES[types[name]] for name in spec.input_names]
+        self.graph_output_dtypes = [ORT_TYPES[types[name]] for name in spec.output_names]
         self.output_dtypes = _output_dtypes(spec)
         self._where = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
         logger.info("onnxruntime session on %s (%s)", self.path, self.session.get_providers()[0])
@@ -160,19 +166,13 @@ class OnnxRuntimeStep:
                    for t, dtype in zip(self.spec.outputs, self.graph_output_dtypes, strict=True)]
         binding = self.session.io_binding()
         for name, t in zip(self.spec.input_names, inputs, strict=True):
-            binding.bind_input(name, *self._where, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, *self._where, numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
         for name, t in zip(self.spec.output_names, outputs, strict=True):
-            binding.bind_output(name, *self._where, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+            binding.bind_output(name, *self._where, numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         self.session.run_with_iobinding(binding)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, self.output_dtypes, strict=True))
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    import numpy as np
-
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}[dtype]
 
 
 class TensorRTStep:
@@ -183,8 +183,6 @@ class TensorRTStep:
     """
 
     def __init__(self, path: str | Path, spec: StreamStepSpec, device: torch.device | str):
-        from personalive.export.tensorrt import require_tensorrt, torch_dtype
-
         trt = require_tensorrt()
         self.path, self.spec, self.device = Path(path), spec, torch.device(device)
         _require_cuda_for_tensorrt(self.device)
@@ -209,8 +207,8 @@ class TensorRTStep:
                     break
         if problem:
             raise CheckpointError(f"{problem}; rebuild it with `{hint}`")
-        self.input_dtypes = [torch_dtype(self.engine.get_tensor_dtype(n)) for n in spec.input_names]
-        self.graph_output_dtypes = [torch_dtype(self.engine.get_tensor_dtype(n)) for n in spec.output_names]
+        self.input_dtypes = [trt_torch_dtype(self.engine.get_tensor_dtype(n)) for n in spec.input_names]
+        self.graph_output_dtypes = [trt_torch_dtype(self.engine.get_tensor_dtype(n)) for n in spec.output_names]
         self.output_dtypes = _output_dtypes(spec)
         logger.info("TensorRT %s engine %s", trt.__version__, self.path)
 

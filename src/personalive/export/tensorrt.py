@@ -8,7 +8,6 @@ both. tensorrt is imported only here and only when an engine is built or loaded.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,42 +19,11 @@ from tqdm import tqdm
 
 from personalive.config import PersonaLiveConfig, resolve_path
 from personalive.errors import BackendUnavailableError, CheckpointError
-from personalive.export.onnx import METADATA, export_onnx, optimize_onnx, read_metadata, verify_onnx
-from personalive.export.runtime import ENGINE_PATH
+from personalive.export.artifacts import ENGINE_PATH, METADATA, read_metadata, require_cuda, require_tensorrt
+from personalive.export.onnx import export_onnx, optimize_onnx, verify_onnx
 from personalive.export.specs import StreamStepSpec
 
 logger = logging.getLogger(__name__)
-
-
-def require_tensorrt():
-    """The tensorrt module (TensorRT 10), or a `BackendUnavailableError` saying what is missing."""
-    if importlib.util.find_spec("tensorrt") is None:
-        raise BackendUnavailableError(
-            "TensorRT is not installed; on a CUDA machine `pip install -r requirements-gpu.txt`, "
-            "or export only the ONNX model with `python torch2trt.py --onnx-only`")
-    import tensorrt as trt
-
-    if int(trt.__version__.split(".")[0]) != 10:
-        raise BackendUnavailableError(f"TensorRT {trt.__version__} is installed, this code uses the TensorRT 10 API; "
-                                      f"`pip install -r requirements-gpu.txt` (tensorrt 10)")
-    return trt
-
-
-def require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            "building or running a TensorRT engine needs a CUDA GPU and this machine has none; "
-            "`python torch2trt.py --onnx-only` exports the ONNX model (usable with --acceleration onnxruntime)")
-
-
-def torch_dtype(dtype) -> torch.dtype:
-    """The torch dtype of a TensorRT tensor type."""
-    trt = require_tensorrt()
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-             trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
-    if dtype not in table:
-        raise CheckpointError(f"TensorRT tensor type {dtype} is not supported; rebuild with python torch2trt.py")
-    return table[dtype]
 
 
 def engine_key(onnx_path: Path, trt) -> dict:
