@@ -36,7 +36,12 @@ def test_shapes_range_and_determinism(tiny_models, tiny_cfg, reference):
     assert torch.equal(run(engine, reference, chunks), a)  # same seed, same frames: bit for bit
     assert torch.equal(run(engine, reference, chunks), a)  # fuse_reference starts over, noise included
     other = StreamEngine(tiny_models, tiny_cfg.__class__(**{**vars(tiny_cfg), "seed": 7}))
-    assert not torch.equal(run(other, reference, chunks), a)
+    b = run(other, reference, chunks)
+    assert not torch.equal(b, a)
+    engine = StreamEngine(tiny_models, tiny_cfg)  # (engines share the models: the newest one runs)
+    engine.fuse_reference(reference, seed=7)  # the seed as an argument: as the config's, the config unchanged
+    assert torch.equal(torch.cat([engine.step(c) for c in chunks]), b) and engine.cfg.seed == tiny_cfg.seed != 7
+    assert torch.equal(run(engine, reference, chunks), a)  # the next fuse_reference is back on the config's seed
 
 
 def test_noise_is_asked_in_frame_order(tiny_models, tiny_cfg, reference):

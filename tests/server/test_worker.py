@@ -3,12 +3,10 @@ re-fusing on restarts, stamps matched to the engine's delay, failures that stop 
 flood of frames against the real tiny engine (latency stays bounded), and start-up errors of `build_server`."""
 
 import base64
-import copy
 import io
 import threading
 import time
 from collections import deque
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,16 +27,15 @@ class FakeEngine:
     window, num_ramp_frames = 4, 12
 
     def __init__(self, step_time: float = 0.0, fail_on_fuse: Exception | None = None):
-        self.cfg = SimpleNamespace(seed=0)
         self.step_time, self.fail_on_fuse = step_time, fail_on_fuse
         self.fused: list[tuple[Image.Image, int]] = []
         self.steps = 0
         self.resets = 0
 
-    def fuse_reference(self, image):
+    def fuse_reference(self, image, seed=None):
         if self.fail_on_fuse is not None:
             raise self.fail_on_fuse
-        self.fused.append((image, self.cfg.seed))
+        self.fused.append((image, seed))
 
     def step(self, frames: torch.Tensor) -> torch.Tensor:
         assert frames.shape == (4, 3, H, W) and frames.dtype == torch.float32
@@ -309,7 +306,7 @@ def test_stale_sessions_are_closed(workers):
 def test_flooded_stream_keeps_latency_bounded(tiny_models, tiny_cfg):
     """Frames far faster than the engine: the input queue never grows, drops are counted, and each frame's latency
     stays within a few engine steps (measured on this machine, so a slow or busy CPU cannot fail it)."""
-    engine = StreamEngine(tiny_models, copy.deepcopy(tiny_cfg))
+    engine = StreamEngine(tiny_models, tiny_cfg)  # the session's seed is an argument: the shared config stays
     worker = Worker(engine, "cpu")
     server = StreamServer([worker], tiny_cfg.height, tiny_cfg.width, engine.window, fps=1000, seed=1)
     session = server.session("flood")
@@ -339,6 +336,7 @@ def test_flooded_stream_keeps_latency_bounded(tiny_models, tiny_cfg):
         player.join()
         server.shutdown()
     assert len(worker.step_times) >= 9, "the engine did not run"
+    assert engine.cfg is tiny_cfg and tiny_cfg.seed != 1
     assert max(n for n, _ in sizes) <= session.inputs.capacity
     assert max(m for _, m in sizes) <= session.pacer.max_frames
     assert session.inputs.dropped > 0.5 * session.inputs.pushed  # most frames were dropped, not queued
@@ -375,7 +373,6 @@ def test_build_server_loads_one_engine_per_device(tiny_cfg, monkeypatch):
     try:
         assert server.capacity == 1 and server.workers[0].name == "cpu"
         engine = server.workers[0].engine
-        assert engine.cfg is not tiny_cfg  # each engine owns its config (per-stream seed)
         assert calls == [("onnxruntime", engine, engine.cfg)]  # the backend is set up once per engine
     finally:
         server.shutdown()

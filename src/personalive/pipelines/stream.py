@@ -126,7 +126,8 @@ class StreamEngine:
         models: the networks, already on their device in their dtype.
         cfg: the run config (window sizes, keyframe settings, attention backend, seed).
         noise_fn: every fresh noise tensor comes from here, in frame order (the padding frames of the first window,
-            then each new chunk); default: a `torch.Generator` on the device seeded with `cfg.seed`.
+            then each new chunk); default: a `torch.Generator` on the device, seeded by `reset`/`fuse_reference`
+            with their `seed` (default `cfg.seed`).
         step_fn: what runs `StreamStep` (the PyTorch module by default; an ONNX Runtime or TensorRT session with
             the same signature and `reference` passed explicitly otherwise).
     """
@@ -162,11 +163,12 @@ class StreamEngine:
     def timesteps(self) -> torch.Tensor:
         return self.step_module.timesteps
 
-    def reset(self) -> None:
-        """Forget the reference and the stream; `fuse_reference` must run again."""
+    def reset(self, seed: int | None = None) -> None:
+        """Forget the reference and the stream (`fuse_reference` must run again) and seed the noise generator with
+        `seed` (default: `cfg.seed`)."""
         self.state = None
         self.bank.clear()
-        self.generator.manual_seed(self.cfg.seed)
+        self.generator.manual_seed(self.cfg.seed if seed is None else seed)
 
     def _default_noise(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
@@ -179,8 +181,9 @@ class StreamEngine:
 
     # ----------------------------------------------------------------------------------------------------------
     def fuse_reference(self, image: Image.Image, face: torch.Tensor | None = None,
-                       clip_image: Image.Image | None = None, keyframe_motion: str | None = None) -> None:
-        """Take a new reference portrait (any size, RGB); starts a new stream.
+                       clip_image: Image.Image | None = None, keyframe_motion: str | None = None,
+                       seed: int | None = None) -> None:
+        """Take a new reference portrait (any size, RGB); starts a new stream (`reset(seed)` first).
 
         Args:
             image: the reference portrait.
@@ -190,15 +193,16 @@ class StreamEngine:
                 takes; the official offline script squashes the whole portrait to 224 x 224 first).
             keyframe_motion: "leaving" or "entering" (see `PersonaLiveConfig.keyframe_motion`); default: the
                 config's, else "leaving" (the official online wrapper).
+            seed: the stream's noise seed (default: `cfg.seed`).
         """
         if keyframe_motion not in (None, "leaving", "entering"):
             raise ValueError(f"keyframe_motion={keyframe_motion!r}; use 'leaving' or 'entering'")
         with self.grad_mode():
-            self._fuse(image, face, clip_image, keyframe_motion)
+            self._fuse(image, face, clip_image, keyframe_motion, seed)
 
     def _fuse(self, image: Image.Image, face: torch.Tensor | None, clip_image: Image.Image | None,
-              keyframe_motion: str | None) -> None:
-        self.reset()
+              keyframe_motion: str | None, seed: int | None) -> None:
+        self.reset(seed)
         m, cfg = self.models, self.cfg
         image = image.convert("RGB")
         with self.stage("reference"):

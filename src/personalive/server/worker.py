@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -38,8 +37,8 @@ class Worker:
     """Runs one engine in its own thread for the session attached to it.
 
     Args:
-        engine: a `StreamEngine` (or anything with `window`, `num_ramp_frames`, `cfg.seed`, `fuse_reference(image)`,
-            `step(frames (w, 3, H, W) in [-1, 1]) -> (w, H, W, 3) in [0, 1]` and `reset()`); it must own its `cfg`.
+        engine: a `StreamEngine` (or anything with `window`, `num_ramp_frames`, `fuse_reference(image, seed=)`,
+            `step(frames (w, 3, H, W) in [-1, 1]) -> (w, H, W, 3) in [0, 1]` and `reset()`).
         name: the device name, for the page and the logs.
     """
 
@@ -115,8 +114,7 @@ class Worker:
             time.sleep(0.05)  # nothing to do until the session changes
             return
         if self._fused is None or self._fused[0] is not session or self._fused[1] != epoch:
-            engine.cfg.seed = seed  # fuse_reference resets the noise generator from cfg.seed
-            engine.fuse_reference(reference)
+            engine.fuse_reference(reference, seed=seed)  # the noise generator restarts from the session's seed
             self._fused = (session, epoch)
             self._stamps.clear()
             logger.info("session %s: reference fused on %s (seed %d)", session.key[:8], self.name, seed)
@@ -364,8 +362,7 @@ def build_server(cfg: PersonaLiveConfig, devices: Sequence[str] | None = None, a
         resolved = resolved[:streams]
     workers = []
     for device in resolved:
-        engine_cfg = copy.deepcopy(cfg)  # each engine owns its config: the seed changes per stream
-        engine = build_engine(engine_cfg, device, acceleration)
+        engine = build_engine(cfg, device, acceleration)
         workers.append(Worker(engine, str(device)))
         logger.info("engine ready on %s (%s, acceleration %s)", device, engine.dtype, acceleration)
     return StreamServer(workers, cfg.height, cfg.width, cfg.temporal_window_size, cfg.fps, cfg.seed, **server_kwargs)
