@@ -106,9 +106,9 @@ def test_keyframe_test_uses_the_distance_to_the_bank(tiny_models, tiny_cfg, refe
     engine.state.motion_bank[1, 0] = 100.0
     near, far = torch.zeros(32, 16), torch.zeros(32, 16)
     near[0, 0], far[0, 1] = 16.9, 17.1  # L2 distance to the nearest bank entry: 16.9 and 17.1
-    assert not engine._is_keyframe(near) and engine._is_keyframe(far)
+    assert not engine.is_keyframe(near) and engine.is_keyframe(far)
     engine.state.steps -= 1  # not before the start step
-    assert not engine._is_keyframe(far)
+    assert not engine.is_keyframe(far)
 
 
 def test_long_run_keeps_every_buffer_bounded(tiny_models, tiny_cfg, reference):
@@ -186,3 +186,16 @@ def test_channels_last_engine_gives_the_same_frames(tiny_cfg, reference):
     assert contiguous.models.denoising_unet.conv_in.weight.is_contiguous()
     # float rounding only: other convolution kernels sum in another order (the official-fixture frame tolerance)
     torch.testing.assert_close(run(engine, reference, chunks), run(contiguous, reference, chunks), rtol=0, atol=1e-4)
+
+
+def test_private_members_stay_inside_the_engine():
+    """Drivers (offline, non-streaming, server, tools) use the engine's public members only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    files = [*(root / "src/personalive").rglob("*.py"), *(root / "tools").rglob("*.py"), *root.glob("*.py")]
+    private = re.compile(r"\bengine\._[a-z]\w*")
+    found = [f"{path.relative_to(root)}: {match}" for path in files if path.name != "stream.py"
+             for match in private.findall(path.read_text())]
+    assert len(files) > 20 and not found, found

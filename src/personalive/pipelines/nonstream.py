@@ -5,9 +5,10 @@ latent tensor for the ramp, the clip and its tail (about 3 MB per 512 x 512 fram
 to compare with the streaming engine on short clips; long videos belong to `stream.StreamEngine`.
 
 What it shares with the engine: the models, reference fusion (`StreamEngine.fuse_reference`: CLIP, reference
-latent, reference attention bank, ramp noise), the noise hook, the per-frame DDIM scheduler, the keypoint maths
-and the keyframe rule (from step 9, at most `max_keyframes`, distance of the window's oldest frame to the motion
-bank). What it does the official whole-clip way:
+latent, reference attention bank, ramp noise), the noise hook (`noisy_latents`), the per-frame DDIM scheduler, the
+keypoint maths and the keyframe rule (`is_keyframe`, `add_keyframe`: from step 9, at most `max_keyframes`, distance
+of the window's oldest frame to the motion bank), all through the engine's public members. What it does the
+official whole-clip way:
 
 - keypoints, pose features and motion tokens of every frame are computed up front, in batches of 256 frames;
   every frame's translation is relative to frame 0 of the whole batch (`interpolate_kps`);
@@ -109,7 +110,8 @@ def animate_clip(engine: StreamEngine, reference: Image.Image, frames: torch.Ten
     del crops
 
     # latents of the ramp (drawn by fuse_reference), then of the clip and its tail at t = 999, chunk by chunk
-    fresh = [engine._noisy(state.ref_latents, w, engine.timesteps[-1:]) for _ in range(n_chunks + engine.chunks - 1)]
+    fresh = [engine.noisy_latents(state.ref_latents, w, engine.timesteps[-1:])
+             for _ in range(n_chunks + engine.chunks - 1)]
     latents = torch.cat([state.latents, *fresh], dim=2)  # (1, 4, ramp + N + ramp, h, w)
     del fresh
     window = ramp + w
@@ -121,12 +123,8 @@ def animate_clip(engine: StreamEngine, reference: Image.Image, frames: torch.Ten
             eps = m.denoising_unet(noisy, engine.timesteps, state.clip_embeds, motion[:, lo:hi], pose[:, :, lo:hi])
             stepped, x0 = engine.scheduler.step(eps, engine.timesteps, noisy)  # float32
         latents[:, :, lo + w : hi] = stepped[:, :, w:].to(dtype)  # the oldest chunk is done: it leaves as x0
-        if engine._is_keyframe(motion[0, lo]):
-            with engine.stage("keyframe"):
-                engine._run_reference_unet(x0[:, :, 0], state.clip_embeds)
-                engine.bank.add_keyframe()
-                state.motion_bank = torch.cat([state.motion_bank, motion[:, lo].flatten(1).float()])
-                logger.info("keyframe %d added at step %d", engine.bank.num_keyframes, i)
+        if engine.is_keyframe(motion[0, lo]):
+            engine.add_keyframe(motion[0, lo], x0[:, :, 0])
         if i >= engine.chunks - 1:  # a chunk of the clip is clean (the first steps finish the ramp)
             with engine.stage("vae_decode"):  # as StreamStep decodes
                 out = m.vae.decode(rearrange(x0[:, :, :w].to(dtype), "1 c f h w -> f c h w")

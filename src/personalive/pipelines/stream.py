@@ -173,7 +173,7 @@ class StreamEngine:
     def _default_noise(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
 
-    def _noisy(self, latents: torch.Tensor, frames: int, timesteps: torch.Tensor) -> torch.Tensor:
+    def noisy_latents(self, latents: torch.Tensor, frames: int, timesteps: torch.Tensor) -> torch.Tensor:
         """`frames` copies of `latents` (1, 4, h, w) noised at `timesteps` with fresh noise -> (1, 4, frames, h, w)."""
         noise = self.noise_fn((1, latents.shape[1], frames, *latents.shape[-2:]), self.dtype, self.device)
         copies = latents.unsqueeze(2).expand(-1, -1, frames, -1, -1)
@@ -221,7 +221,7 @@ class StreamEngine:
             clip_embeds=clip, ref_latents=latents, ref_image=ref[0], ref_pose_input=pose_input / 2 + 0.5,
             ref_face=None if face is None else face.to(self.device).unsqueeze(0),
             keyframe_motion=keyframe_motion or cfg.keyframe_motion or "leaving",
-            latents=self._noisy(latents, pad, self.timesteps[:pad]),
+            latents=self.noisy_latents(latents, pad, self.timesteps[:pad]),
         )
 
     def _run_reference_unet(self, latents: torch.Tensor, clip: torch.Tensor) -> None:
@@ -274,7 +274,7 @@ class StreamEngine:
         else:
             posed = kp.transform_keypoints(kp.retarget(state.kp_ref, state.kp_first, driving))  # (w, K, 3)
         canvas = kp.draw_keypoints(posed, self.cfg.height, self.cfg.width)  # (w, 3, H, W)
-        new_latents = self._noisy(state.ref_latents, w, self.timesteps[-1:])  # (1, 4, w, h, w) at t = 999
+        new_latents = self.noisy_latents(state.ref_latents, w, self.timesteps[-1:])  # (1, 4, w, h, w) at t = 999
         args = (state.latents, new_latents, state.clip_embeds, state.motion,
                 rearrange(faces, "f c h w -> 1 c f h w"), state.pose,
                 rearrange(canvas.to(self.dtype), "f c h w -> 1 c f h w"))
@@ -286,12 +286,8 @@ class StreamEngine:
                 out = self.step_fn(*args, reference=self.bank.state())
         frames_out, state.latents, state.motion, state.pose, motion_first, x0_first = out
         tested = motion_first[0] if state.keyframe_motion == "leaving" else state.motion[0, -w]  # (m, d)
-        if self._is_keyframe(tested):
-            with self.stage("keyframe"):
-                self._run_reference_unet(x0_first, state.clip_embeds)  # the leaving frame, in both rules
-                self.bank.add_keyframe()
-                state.motion_bank = torch.cat([state.motion_bank, tested.flatten()[None].float()])
-                logger.info("keyframe %d added at step %d", self.bank.num_keyframes, state.steps)
+        if self.is_keyframe(tested):
+            self.add_keyframe(tested, x0_first)  # the leaving frame's latent, in both rules
         state.steps += 1
         return frames_out.float().cpu()
 
@@ -322,10 +318,21 @@ class StreamEngine:
             state.pose = m.pose_guider(rearrange(ramp_canvas.to(self.dtype), "f c h w -> 1 c f h w"))
         return posed[pad:]
 
-    def _is_keyframe(self, tokens: torch.Tensor) -> bool:
-        """Are a frame's motion tokens (m, d) far from the reference's and every keyframe's?"""
+    def is_keyframe(self, tokens: torch.Tensor) -> bool:
+        """Are a frame's motion tokens (m, d) far from the reference's and every keyframe's (from step
+        `keyframe_start_step`, while the bank has room)?"""
         state = self.state
         if state.steps < self.cfg.keyframe_start_step or self.bank.num_keyframes >= self.cfg.max_keyframes:
             return False
         distance = torch.cdist(tokens.flatten()[None].float(), state.motion_bank).min()
         return bool(distance > self.cfg.keyframe_threshold)
+
+    def add_keyframe(self, tokens: torch.Tensor, x0: torch.Tensor) -> None:
+        """A historical keyframe: the reference UNet runs on the clean latent `x0` (1, 4, h, w), whose tokens join the
+        reference attention, and the motion tokens `tokens` (m, d) join the motion bank."""
+        state = self.state
+        with self.stage("keyframe"):
+            self._run_reference_unet(x0, state.clip_embeds)
+            self.bank.add_keyframe()
+            state.motion_bank = torch.cat([state.motion_bank, tokens.flatten()[None].float()])  # (k + 1, m * d)
+            logger.info("keyframe %d added at step %d", self.bank.num_keyframes, state.steps)
