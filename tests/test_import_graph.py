@@ -1,6 +1,6 @@
 """The package's import graph (every import, lazy ones included, read with `ast`): no cycle between personalive
 modules, the export runtime does not import the exporter, and the pipelines reach `export/` only through
-`pipelines.build`."""
+`pipelines.build`; the engine does not import the weights loader."""
 
 import ast
 from pathlib import Path
@@ -71,6 +71,7 @@ def test_layers():
     graph = import_graph()
     assert not graph["personalive.export.runtime"] & {"personalive.export.onnx", "personalive.export.tensorrt"}
     assert not {m for m in graph["personalive.export.artifacts"] if m.startswith("personalive.export")}
+    assert "personalive.weights" not in graph["personalive.pipelines.stream"]  # the engine does not import the loader
     for name, deps in graph.items():
         if name.startswith("personalive.pipelines.") and name != "personalive.pipelines.build":
             assert not {m for m in deps if m.startswith("personalive.export")}, f"{name} imports export/"

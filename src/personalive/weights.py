@@ -11,31 +11,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from personalive.config import PROJECT_ROOT, PersonaLiveConfig, load_config, resolve_path
-from personalive.errors import CheckpointError, ConfigError, PersonaLiveError
+from personalive.errors import ConfigError, PersonaLiveError
 from personalive.io.checkpoints import (
     CONFIG_FILES,
+    OFFICIAL_FILES,
     WEIGHT_FILES,
     check_keys,
     check_weights_folder,
     find_weight_file,
     from_official,
     load_state_dict,
+    load_strict,
     read_config,
     read_shapes,
+    require_keys,
     save_state_dict,
     write_json,
 )
 from personalive.models import cast_model
+from personalive.models.container import PersonaLiveModels
 from personalive.models.denoising_unet import DenoisingUNet
 from personalive.models.motion_encoder import MotionEncoder
 from personalive.models.motion_extractor import MotionExtractor
@@ -43,51 +46,6 @@ from personalive.models.pose_guider import PoseGuider
 from personalive.models.reference_unet import reference_unet_from_config
 
 logger = logging.getLogger(__name__)
-
-# official file -> (network, which of its keys the file holds)
-OFFICIAL_FILES: dict[str, tuple[str, str]] = {
-    "denoising_unet": ("denoising_unet", "not temporal"),  # the 2-D UNet and the motion modules
-    "temporal_module": ("denoising_unet", "temporal"),  # every key under `temporal_modules`
-    "reference_unet": ("reference_unet", "all"),
-    "pose_guider": ("pose_guider", "all"),
-    "motion_encoder": ("motion_encoder", "all"),
-    "motion_extractor": ("motion_extractor", "all"),
-    "vae": ("vae", "all"),
-    "image_encoder": ("image_encoder", "all"),
-}
-
-
-@dataclass
-class PersonaLiveModels:
-    reference_unet: UNet2DConditionModel
-    denoising_unet: DenoisingUNet
-    pose_guider: PoseGuider
-    motion_encoder: MotionEncoder
-    motion_extractor: MotionExtractor
-    vae: AutoencoderKL
-    image_encoder: CLIPVisionModelWithProjection
-
-    def items(self):
-        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> PersonaLiveModels:
-        for _, model in self.items():
-            cast_model(model, device, dtype)
-        return self
-
-    def channels_last(self) -> PersonaLiveModels:
-        """The convolution-heavy networks in channels-last memory (faster CPU convolutions; same numbers up to
-        float rounding). Not the VAE: its decoder's output moves by 1.6e-5 of its range, over the official-fixture
-        tolerance of 1e-5."""
-        for net in ("denoising_unet", "reference_unet", "pose_guider", "motion_encoder"):
-            getattr(self, net).to(memory_format=torch.channels_last)
-        return self
-
-    def eval(self) -> PersonaLiveModels:
-        for _, model in self.items():
-            model.eval().requires_grad_(False)
-        return self
-
 
 TINY_CONFIG = PROJECT_ROOT / "configs/prompts/tiny.yaml"
 
@@ -187,9 +145,7 @@ def load_models(cfg: PersonaLiveConfig, device: torch.device | str = "cpu",
         full[net].update(expected[file])
     for net, state in states.items():
         files = [f for f, (n, _) in OFFICIAL_FILES.items() if n == net]
-        problems = check_keys(net, state, full[net], " + ".join(str(paths[f]) for f in files))
-        if problems:
-            raise CheckpointError(problems[0] + ("" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"))
+        require_keys(net, state, full[net], " + ".join(str(paths[f]) for f in files))
         getattr(models, net).load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                              strict=True, assign=True)
     return models.to(device, dtype).eval()
@@ -257,16 +213,6 @@ def perturb_zero_init(models: PersonaLiveModels, std: float = 0.02) -> None:
                     param.normal_(0.0, std)
 
 
-def _load_strict(model: torch.nn.Module, state: dict, net: str, path: Path) -> None:
-    """Load `state` into `model` after a key/shape check that names `path` (CheckpointError on any problem)."""
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    problems = check_keys(net, state, expected, path)
-    if problems:
-        more = "" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"
-        raise CheckpointError(problems[0] + more)
-    model.load_state_dict(state, strict=True)
-
-
 def load_network(cfg: PersonaLiveConfig, name: str, weights_dir: str | Path | None = None) -> torch.nn.Module:
     """One network (`motion_extractor`, `vae`, ... as in OFFICIAL_FILES, not the denoising UNet's two files) from
     `weights_dir` (default cfg.weights_dir), strictly, fp32 on the CPU, in eval mode."""
@@ -278,12 +224,8 @@ def load_network(cfg: PersonaLiveConfig, name: str, weights_dir: str | Path | No
         model = getattr(build_models(cfg, network_configs(weights_dir)), name)
     path = find_weight_file(weights_dir, name)
     state = from_official(name, load_state_dict(path))
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    problems = check_keys(name, state, expected, path)
-    if problems:
-        raise CheckpointError(problems[0])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True,
-                          assign=True)
+    load_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, name, path,
+                assign=True)
     return cast_model(model, "cpu", torch.float32).eval()
 
 
@@ -303,15 +245,13 @@ def init_training_models(cfg: PersonaLiveConfig) -> PersonaLiveModels:
     base = load_state_dict(base_path)
     logger.info("read %s: %d tensors (SD UNet -> reference and denoising UNets)", base_path, len(base))
     ref_state = {k: v for k, v in base.items() if not k.startswith(("conv_norm_out.", "conv_out."))}
-    _load_strict(models.reference_unet, ref_state, "reference_unet", base_path)
+    load_strict(models.reference_unet, ref_state, "reference_unet", base_path)
     full = models.denoising_unet.state_dict()
     two_d = {k for k in full if "_modules." not in k}  # everything but motion_modules / temporal_modules
-    problems = check_keys("denoising_unet (2-D part)", base, {k: list(full[k].shape) for k in two_d}, base_path)
-    if problems:
-        raise CheckpointError(problems[0])
-    _load_strict(models.denoising_unet, {**full, **base}, "denoising_unet", base_path)
+    require_keys("denoising_unet (2-D part)", base, {k: list(full[k].shape) for k in two_d}, base_path)
+    load_strict(models.denoising_unet, {**full, **base}, "denoising_unet", base_path)
     for name in ("motion_extractor", "vae", "image_encoder"):
         path = find_weight_file(weights_dir, name)
-        _load_strict(getattr(models, name), from_official(name, load_state_dict(path)), name, path)
+        load_strict(getattr(models, name), from_official(name, load_state_dict(path)), name, path)
         logger.info("read %s", path)
     return models.to("cpu", torch.float32)

@@ -11,6 +11,7 @@ from personalive.io.checkpoints import (
     find_weight_file,
     from_official,
     load_state_dict,
+    load_strict,
     read_shapes,
     save_state_dict,
 )
@@ -110,3 +111,13 @@ def test_empty_or_missing_folder_names_the_folder_and_one_command(tmp_path):
         check_weights_folder(tmp_path / "file", command)
     save_state_dict({"w": torch.zeros(1)}, tmp_path / "some" / "personalive/pose_guider.pth")
     check_weights_folder(tmp_path / "some", command)  # partly filled: each missing file is named by its reader
+
+
+def test_load_strict_names_the_file_and_the_problems():
+    model = torch.nn.Linear(2, 3)
+    with pytest.raises(CheckpointError, match=r"^w\.pth: 1 missing keys, e\.g\. bias \(and 1 more problems\)$"):
+        load_strict(model, {"weight": torch.zeros(3, 2), "extra": torch.zeros(1)}, "linear", "w.pth")
+    with pytest.raises(CheckpointError, match=r"weight has shape \[2, 3\], expected \[3, 2\]$"):
+        load_strict(model, {"weight": torch.zeros(2, 3), "bias": torch.zeros(3)}, "linear", "w.pth")
+    load_strict(model, {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}, "linear", "w.pth")
+    assert model.weight.sum() == 6

@@ -30,7 +30,7 @@ from torch import nn
 from personalive.config import PersonaLiveConfig, resolve_path
 from personalive.errors import BackendUnavailableError, CheckpointError, WeightsNotFoundError
 from personalive.evaluation.alignment import FaceAligner
-from personalive.io.checkpoints import check_keys, find_weight_file, from_official, load_state_dict
+from personalive.io.checkpoints import find_weight_file, from_official, load_state_dict, load_strict, require_keys
 from personalive.keypoints import decode_pose
 from personalive.models.motion_extractor import MotionExtractor
 
@@ -84,18 +84,6 @@ def _installed_lpips_weights() -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _check(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """CheckpointError naming `path` when `state` does not have exactly the keys and shapes of `expected`."""
-    problems = check_keys(what, state, {k: list(v.shape) for k, v in expected.items()}, path)
-    if problems:
-        raise CheckpointError(problems[0] + ("" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"))
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    _check(state, model.state_dict(), path, type(model).__name__)
-    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -207,9 +195,10 @@ class LPIPS(nn.Module):
         expected = model.state_dict()
         features = {f"net.{k}": v for k, v in load_state_dict(backbone_path).items() if k.startswith("features.")}
         heads = load_state_dict(linear_path)
-        _check(features, {k: v for k, v in expected.items() if k.startswith("net.")}, Path(backbone_path), backbone)
-        _check(heads, {k: v for k, v in expected.items() if k.startswith("lin")}, Path(linear_path),
-               "LPIPS linear layers")
+        shapes = {k: list(v.shape) for k, v in expected.items()}
+        require_keys(backbone, features, {k: v for k, v in shapes.items() if k.startswith("net.")}, backbone_path)
+        require_keys("LPIPS linear layers", heads, {k: v for k, v in shapes.items() if k.startswith("lin")},
+                     linear_path)
         model.load_state_dict({**features, **heads}, strict=True)
         logger.info("LPIPS-%s: backbone from %s, linear layers from %s", backbone, backbone_path, linear_path)
         return model.eval().requires_grad_(False)
@@ -336,7 +325,7 @@ def load_i3d(eval_dir: str | Path = DEFAULT_EVAL_DIR) -> InceptionI3D:
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key[: -len("num_batches_tracked")] + "running_mean" in state:
             state.setdefault(key, torch.zeros_like(value))
-    _load_strict(model, state, path)
+    load_strict(model, state, type(model).__name__, path)
     logger.info("I3D from %s", path)
     return model.eval().requires_grad_(False)
 
@@ -429,7 +418,7 @@ def load_motion_extractor(cfg: PersonaLiveConfig, weights_dir: str | Path | None
     weights_dir = resolve_path(weights_dir or cfg.weights_dir)
     path = find_weight_file(weights_dir, "motion_extractor")
     model = MotionExtractor(**dataclasses.asdict(cfg.model.motion_extractor))
-    _load_strict(model, from_official("motion_extractor", load_state_dict(path)), path)
+    load_strict(model, from_official("motion_extractor", load_state_dict(path)), type(model).__name__, path)
     return model.eval().requires_grad_(False)
 
 

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from personalive.config import PersonaLiveConfig, resolve_path
-from personalive.io.checkpoints import find_weight_file
+from personalive.io.checkpoints import OFFICIAL_FILES, find_weight_file
 from personalive.models.attention_processors import self_attention_layers
-from personalive.weights import OFFICIAL_FILES
 
 GRAPH_VERSION = 1  # bump when the exported graph changes meaning; cached exports with another number are rebuilt
 OPSET = 17  # official; LayerNormalization is native from 17 on

@@ -24,17 +24,31 @@ from personalive.errors import CheckpointError, WeightsNotFoundError, reason
 logger = logging.getLogger(__name__)
 
 _PTH = (".safetensors", ".bin", ".pth")  # the last one is the official name
-# logical name -> accepted files under weights_dir, preferred first (official download layout)
-WEIGHT_FILES: dict[str, tuple[str, ...]] = {
-    **{name: tuple(f"personalive/{name}{ext}" for ext in _PTH) for name in (
-        "denoising_unet", "temporal_module", "reference_unet", "pose_guider", "motion_encoder", "motion_extractor")},
-    "vae": ("sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "sd-vae-ft-mse/diffusion_pytorch_model.bin"),
-    "image_encoder": ("sd-image-variations-diffusers/image_encoder/model.safetensors",
-                      "sd-image-variations-diffusers/image_encoder/pytorch_model.bin"),
+
+
+def _personalive(name: str) -> tuple[str, ...]:
+    return tuple(f"personalive/{name}{ext}" for ext in _PTH)
+
+
+# The one table of weight files. Logical name -> (accepted files under weights_dir, preferred first, the last one
+# the official download layout's; the network of `PersonaLiveModels` it loads into, None if inference reads none;
+# which of that network's keys the file holds: all | temporal (every key under `temporal_modules`) | not temporal)
+WEIGHTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
+    "denoising_unet": (_personalive("denoising_unet"), "denoising_unet", "not temporal"),  # 2-D UNet, motion modules
+    "temporal_module": (_personalive("temporal_module"), "denoising_unet", "temporal"),
+    **{name: (_personalive(name), name, "all")
+       for name in ("reference_unet", "pose_guider", "motion_encoder", "motion_extractor")},
+    "vae": (("sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "sd-vae-ft-mse/diffusion_pytorch_model.bin"),
+            "vae", "all"),
+    "image_encoder": (("sd-image-variations-diffusers/image_encoder/model.safetensors",
+                       "sd-image-variations-diffusers/image_encoder/pytorch_model.bin"), "image_encoder", "all"),
     # the SD UNet: only its config is needed for inference; its weights initialise training
-    "base_unet": ("sd-image-variations-diffusers/unet/diffusion_pytorch_model.safetensors",
-                  "sd-image-variations-diffusers/unet/diffusion_pytorch_model.bin"),
+    "base_unet": (("sd-image-variations-diffusers/unet/diffusion_pytorch_model.safetensors",
+                   "sd-image-variations-diffusers/unet/diffusion_pytorch_model.bin"), None, "all"),
 }
+WEIGHT_FILES: dict[str, tuple[str, ...]] = {name: files for name, (files, _, _) in WEIGHTS.items()}
+# the files inference loads: official file -> (network, which of its keys the file holds)
+OFFICIAL_FILES: dict[str, tuple[str, str]] = {name: (net, keys) for name, (_, net, keys) in WEIGHTS.items() if net}
 CONFIG_FILES: dict[str, str] = {
     "unet": "sd-image-variations-diffusers/unet/config.json",
     "vae": "sd-vae-ft-mse/config.json",
@@ -199,3 +213,18 @@ def check_keys(name: str, state: dict[str, list[int]] | dict[str, torch.Tensor],
     if len(wrong) > 3:
         problems.append(f"{path}: {len(wrong) - 3} more keys with wrong shapes")
     return problems
+
+
+def require_keys(name: str, state: dict[str, list[int]] | dict[str, torch.Tensor], expected: dict[str, list[int]],
+                 path: str | Path) -> None:
+    """`check_keys`, as a `CheckpointError` naming the first problem (and how many more there are)."""
+    problems = check_keys(name, state, expected, path)
+    if problems:
+        raise CheckpointError(problems[0] + ("" if len(problems) == 1 else f" (and {len(problems) - 1} more problems)"))
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str | Path,
+                assign: bool = False) -> None:
+    """Load `state` into `model` (`strict=True`) after a key and shape check that names `path` (`require_keys`)."""
+    require_keys(name, state, {k: list(v.shape) for k, v in model.state_dict().items()}, path)
+    model.load_state_dict(state, strict=True, assign=assign)

@@ -35,8 +35,8 @@ from transformers import CLIPImageProcessorPil
 from personalive import keypoints as kp
 from personalive.config import PersonaLiveConfig
 from personalive.models.attention_processors import ReferenceBank, install_reference_attention
+from personalive.models.container import PersonaLiveModels
 from personalive.pipelines.scheduler import StreamScheduler
-from personalive.weights import PersonaLiveModels
 
 logger = logging.getLogger(__name__)
 

@@ -56,12 +56,12 @@ from personalive.config import TrainConfig, resolve_path
 from personalive.errors import ConfigError, WeightsNotFoundError
 from personalive.io.checkpoints import find_weight_file
 from personalive.models import cast_model
+from personalive.models.container import PersonaLiveModels
 from personalive.training.data import EpochSampler, build_dataset
 from personalive.training.losses import load_perceptual
 from personalive.training.stages import Randomness, build_stage, clip_frames, trainable_modules
 from personalive.weights import (
     OFFICIAL_FILES,
-    PersonaLiveModels,
     init_training_models,
     load_models,
     network_configs,

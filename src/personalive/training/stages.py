@@ -53,11 +53,12 @@ from torch import nn
 from personalive import keypoints as kp
 from personalive.config import TrainConfig
 from personalive.errors import ConfigError
+from personalive.models.container import PersonaLiveModels
 from personalive.pipelines.keyframes import far_from_bank
 from personalive.pipelines.stream import StreamEngine
 from personalive.training.data import motion_input, unpack_motion
 from personalive.training.losses import LPIPS, mse, propagated_weights, snr_weights
-from personalive.weights import OFFICIAL_FILES, PersonaLiveModels
+from personalive.weights import OFFICIAL_FILES
 
 logger = logging.getLogger(__name__)
 
