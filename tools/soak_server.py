@@ -70,17 +70,17 @@ class FaultyEngine:
     """Wraps an engine's `step` and `fuse_reference`: a stream whose seed is FAULT_SEED raises at step FAULT_STEP."""
 
     def __init__(self, engine: Any):
-        self.engine, self.steps = engine, 0
+        self.engine, self.steps, self.seed = engine, 0, None
         self._step, self._fuse = engine.step, engine.fuse_reference
         engine.step, engine.fuse_reference = self.step, self.fuse_reference
 
-    def fuse_reference(self, *args: Any, **kwargs: Any) -> Any:
-        self.steps = 0
-        return self._fuse(*args, **kwargs)
+    def fuse_reference(self, *args: Any, seed: int | None = None, **kwargs: Any) -> Any:
+        self.steps, self.seed = 0, seed  # the worker passes the session's seed
+        return self._fuse(*args, seed=seed, **kwargs)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         self.steps += 1
-        if self.engine.cfg.seed == FAULT_SEED and self.steps >= FAULT_STEP:
+        if self.seed == FAULT_SEED and self.steps >= FAULT_STEP:
             raise RuntimeError("injected fault")
         return self._step(*args, **kwargs)
 
