@@ -225,13 +225,6 @@ def use_savings(engine, on: bool) -> None:
     engine.grad_mode = torch.inference_mode if on else torch.no_grad
 
 
-def network_configs_in(folder: Path) -> dict[str, dict]:
-    """The UNet, VAE and CLIP `config.json`s of a weights folder, or of a folder of configs/weights/<size>/."""
-    if (folder / "unet.json").is_file():
-        return {name: json.loads((folder / f"{name}.json").read_text()) for name in ("unet", "vae", "image_encoder")}
-    return network_configs(folder)
-
-
 def stage_flops(cfg, configs: dict[str, dict]) -> dict:
     """TFLOP per output frame of each stage of a step at the config's size, counted on the meta device (no
     memory, no weights), and what the options remove: the exact attention savings, the tiny VAE decoder."""
@@ -360,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         folder = Path(cfg.weights_dir) if args.flops is True else args.flops
         result = {"config": str(args.config), "networks": str(folder), "height": cfg.height, "width": cfg.width,
-                  **stage_flops(cfg, network_configs_in(folder))}
+                  **stage_flops(cfg, network_configs(folder))}
         print("TFLOP per output frame: " + ", ".join(f"{k} {v:.3f}" for k, v in result["tflop_per_frame"].items())
               + f"; total {result['total_tflop_per_frame']:.3f}; removed by "
               + ", ".join(f"{k} {v:.3f}" for k, v in result["removed_tflop_per_frame"].items()), file=sys.stderr)

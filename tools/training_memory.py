@@ -45,11 +45,10 @@ def static_memory(stage: int, gpus: int) -> dict:
     from personalive.config import TrainConfig, load_config
     from personalive.training.loop import DTYPES
     from personalive.training.stages import set_trainable, trainable_modules
-    from personalive.weights import build_models
+    from personalive.weights import build_models, network_configs
 
     cfg = load_config(ROOT / f"configs/train/stage{stage}.yaml", [], schema=TrainConfig)
-    configs = {n: json.loads((ROOT / f"configs/weights/full/{n}.json").read_text())
-               for n in ("unet", "vae", "image_encoder")}
+    configs = network_configs(ROOT / "configs/weights/full")
     with torch.device("meta"):
         models = build_models(cfg, configs)
     set_trainable(models, trainable_modules(cfg))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -80,7 +81,10 @@ def require_weights(cfg: PersonaLiveConfig, weights_dir: str | Path | None = Non
 
 
 def network_configs(weights_dir: str | Path) -> dict[str, dict]:
-    """The `config.json` of the SD UNet, the VAE and the CLIP image encoder in `weights_dir`."""
+    """The `config.json` of the SD UNet, the VAE and the CLIP image encoder in `weights_dir`, or the `<name>.json`
+    files of a sizes folder (`configs/weights/<size>/`)."""
+    if (Path(weights_dir) / "unet.json").is_file():
+        return {name: json.loads((Path(weights_dir) / f"{name}.json").read_text()) for name in CONFIG_FILES}
     return {name: read_config(weights_dir, name) for name in CONFIG_FILES}
 
 

@@ -37,7 +37,7 @@ class StubApp:
         if scope["path"] == f"{API}/queue/join":
             body = b'{"event_id": "event%d"}' % len(self.seen)
         elif scope["path"] == f"{API}/upload":
-            body = b'["/tmp/gradio/%d/portrait.png"]' % len(self.seen)
+            body = b'["uploads/%d/portrait.png"]' % len(self.seen)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
 
