@@ -1,6 +1,6 @@
 """The package's import graph (every import, lazy ones included, read with `ast`): no cycle between personalive
 modules, the export runtime does not import the exporter, and the pipelines reach `export/` only through
-`pipelines.build`; the engine does not import the weights loader."""
+`pipelines.build`; the engine does not import the weights loader; io/ imports only io/ and the errors."""
 
 import ast
 from pathlib import Path
@@ -73,5 +73,7 @@ def test_layers():
     assert not {m for m in graph["personalive.export.artifacts"] if m.startswith("personalive.export")}
     assert "personalive.weights" not in graph["personalive.pipelines.stream"]  # the engine does not import the loader
     for name, deps in graph.items():
+        if name.startswith("personalive.io."):  # the bottom layer: files and codecs
+            assert {m.split(".")[1] for m in deps} <= {"errors", "io"}, f"{name} imports {sorted(deps)}"
         if name.startswith("personalive.pipelines.") and name != "personalive.pipelines.build":
             assert not {m for m in deps if m.startswith("personalive.export")}, f"{name} imports export/"

@@ -23,7 +23,8 @@ from PIL import Image
 
 from personalive import keypoints as kp
 from personalive.config import load_config
-from personalive.pipelines.offline import DrivingFaces, animate_frames, face_cropper, fuse_reference, prepare_reference
+from personalive.io.reference import read_reference_with_face
+from personalive.pipelines.offline import DrivingFaces, animate_frames, face_cropper, fuse_reference
 from personalive.pipelines.stream import StreamEngine
 from personalive.weights import load_models
 
@@ -213,7 +214,7 @@ def offline_run(fidelity_models, fidelity_cfg, official):
     crop = fidelity_cfg.model.motion_encoder.image_size
     frames = common.driving_clip(common.OFFLINE_FRAMES)
     with face_cropper("mediapipe") as cropper:
-        image, ref_face = prepare_reference(common.reference_path(), cropper, crop)
+        image, ref_face = read_reference_with_face(common.reference_path(), cropper, crop)
         faces = DrivingFaces(cropper, crop, "carphone")
         with drawn_keypoints() as drawn:
             pairs = list(animate_frames(engine, image, ref_face, frames, faces))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from personalive.errors import ImageReadError
-from personalive.io.images import fit_frame, frames_to_tensor, load_image, to_uint8
+from personalive.io.images import as_rgb_frame, crop_around, fit_frame, frames_to_tensor, load_image, to_uint8
 
 
 def write_png16_rgb(path, pixels):
@@ -145,3 +145,22 @@ def test_fit_frame_crops_the_centre_then_resizes():
     assert fitted.min() >= 250  # the black sides were cropped away
     assert fit_frame(frame, 50, 100).shape == (50, 100, 3)  # same aspect: plain resize
     assert fit_frame(frame, 100, 200) is frame
+
+
+def test_crop_around_keeps_the_face_in_a_tall_portrait():
+    tall = np.zeros((300, 100, 3), np.uint8)
+    tall[20:60, 30:70] = 255  # the "face", near the top
+    centred = crop_around(tall, 50, 50)  # middle crop: rows 100..200, no face
+    around = crop_around(tall, 50, 50, center=(50, 40))  # rows 0..100: the face
+    assert centred.shape == around.shape == (50, 50, 3)
+    assert centred.max() == 0 and around.mean() > 30
+    wide = crop_around(np.zeros((100, 300, 3), np.uint8), 64, 64, center=(290, 50))  # clamped to the edge
+    assert wide.shape == (64, 64, 3)
+
+
+def test_as_rgb_frame_converts_grey_alpha_and_float():
+    assert as_rgb_frame(np.zeros((5, 6), np.uint8)).shape == (5, 6, 3)
+    assert as_rgb_frame(np.zeros((5, 6, 4), np.uint8)).shape == (5, 6, 3)
+    assert as_rgb_frame(np.ones((5, 6, 3), np.float32)).max() == 255
+    with pytest.raises(ValueError, match="shape"):
+        as_rgb_frame(np.zeros((5, 6, 3, 1), np.uint8))

@@ -17,7 +17,7 @@ from personalive.errors import (
     VideoReadError,
     WeightsNotFoundError,
 )
-from personalive.io.faces import FaceCropper, mediapipe_available
+from personalive.io.faces import mediapipe_available
 from personalive.io.images import frames_to_tensor, load_image
 from personalive.io.samples import sample_reference
 from personalive.io.video import VideoReader, VideoWriter
@@ -26,7 +26,6 @@ from personalive.pipelines.nonstream import animate_clip
 from personalive.pipelines.offline import (
     DrivingFaces,
     OfflineOptions,
-    prepare_reference,
     reflect_index,
     run_offline,
     stream_video,
@@ -175,25 +174,6 @@ def test_frames_without_a_face_reuse_the_last_crop_with_one_warning(caplog):
     assert warnings == ["no face found in frame 0 of drive.mp4; using keypoint face boxes until a face is found "
                         "(further frames without a face are not reported)"]
     assert faces.missing == 3 and DrivingFaces(None, 16, "x")(0, face) is None
-
-
-@needs_mediapipe
-@pytest.mark.parametrize("kind", ["grey16", "rgba", "palette", "huge"])
-def test_references_of_any_mode_and_size_are_converted(tmp_path, astronaut, kind):
-    if kind == "grey16":
-        pixels = (np.asarray(astronaut.convert("L"), np.uint16) * 257)
-        image, path = Image.fromarray(pixels, mode="I;16"), tmp_path / "grey16.png"
-    elif kind == "rgba":
-        image, path = astronaut.convert("RGBA"), tmp_path / "rgba.png"
-    elif kind == "palette":
-        image, path = astronaut.convert("P"), tmp_path / "palette.png"
-    else:
-        image, path = astronaut.resize((4400, 4400)), tmp_path / "huge.jpg"
-    image.save(path)
-    with FaceCropper() as cropper:
-        reference, face = prepare_reference(path, cropper, 64)
-    assert reference.mode == "RGB" and max(reference.size) <= 4096
-    assert face.shape == (3, 64, 64) and face.std() > 0.05
 
 
 # ------------------------------------------------------------------------------------------------------------------

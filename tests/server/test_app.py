@@ -10,7 +10,8 @@ import pytest
 
 from personalive.errors import ConfigError
 from personalive.server.app import _frame_html, build_page, check_address, launch, signatures
-from personalive.server.session import OutputFrame, Stamp
+from personalive.server.pacing import Stamp
+from personalive.server.session import OutputFrame
 from personalive.server.worker import StreamServer, Worker
 
 

@@ -5,8 +5,8 @@ the interval), the newest frame is always among them, and a bounded buffer still
 import numpy as np
 import pytest
 
+from personalive.server.pacing import FrameBuffer
 from personalive.server.selection import pick_evenly, targets, thin
-from personalive.server.session import FrameBuffer
 
 CAMERA_FPS = 30.0
 WINDOW = 4

@@ -15,7 +15,8 @@ from PIL import Image
 
 from personalive.errors import BackendUnavailableError, ConfigError, NoFaceError, ServerBusyError
 from personalive.pipelines.stream import StreamEngine
-from personalive.server.session import Session, Stamp
+from personalive.server.pacing import Stamp
+from personalive.server.session import Session
 from personalive.server.worker import SlotPool, StreamServer, Worker, build_server
 
 H = W = 16

@@ -5,13 +5,14 @@ MediaPipe FaceMesh (static image mode, one face) finds 468 landmarks; their boun
 diffusers' `VaeImageProcessor` (PIL Lanczos, then x / 255 * 2 - 1), as the official pipeline does at 224 x 224.
 
 mediapipe is optional: without it `FaceCropper` refuses to start and callers use keypoint boxes; `crop_face`
-works either way.
+works either way. `FaceFinder` shares one cropper between threads (the web page's reference checks).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 
 import numpy as np
 import torch
@@ -109,6 +110,33 @@ class FaceCropper:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FaceFinder:
+    """Face boxes for reference checks, shared by the request threads (one MediaPipe FaceMesh behind a lock).
+
+    Without mediapipe, `available` is False and references are taken without a face check.
+    """
+
+    def __init__(self):
+        self.available = mediapipe_available()
+        self._cropper: FaceCropper | None = None
+        self._lock = threading.Lock()
+        if not self.available:
+            logger.warning("mediapipe is not installed: reference portraits are not checked for a face")
+
+    def box(self, frame: np.ndarray) -> tuple[int, int, int, int] | None:
+        """Face box (x1, y1, x2, y2) of a uint8 RGB frame (H, W, 3), or None if there is no face."""
+        with self._lock:
+            if self._cropper is None:
+                self._cropper = FaceCropper()
+            return self._cropper.box(frame)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cropper is not None:
+                self._cropper.close()
+                self._cropper = None
 
 
 def scale_box(box: tuple[float, float, float, float], scale: float, height: int, width: int) -> Box:

@@ -1,4 +1,5 @@
-"""Still images: reading a reference portrait, and converting frames between uint8 arrays and model tensors.
+"""Still images: reading a reference portrait, fitting frames to a size, and converting frames between uint8 arrays
+and model tensors.
 
 Every image leaves `load_image` as an 8-bit RGB `PIL.Image`, whatever the file held: EXIF orientation is applied,
 transparency is composited on white, grey/palette/CMYK become RGB, and 16-bit samples are scaled (not clipped) to
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +114,28 @@ def resize_to_tensor(frame: np.ndarray, height: int, width: int) -> torch.Tensor
     return _processor.preprocess(Image.fromarray(np.ascontiguousarray(frame)), height=height, width=width)[0]
 
 
+def as_rgb_frame(frame: Any) -> np.ndarray:
+    """A webcam or video frame -> uint8 (H, W, 3); grey and RGBA frames are converted.
+
+    Raises:
+        ValueError: not an image array (the message says what it is).
+    """
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"expected an image array, got {type(frame).__name__}")
+    if frame.ndim == 2:
+        frame = frame[:, :, None].repeat(3, axis=2)
+    if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4) or min(frame.shape[:2]) < 1:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {frame.shape}")
+    if frame.dtype != np.uint8:
+        if not np.issubdtype(frame.dtype, np.number):
+            raise ValueError(f"expected a numeric image, got dtype {frame.dtype}")
+        scale = 255.0 if np.issubdtype(frame.dtype, np.floating) and frame.max(initial=0) <= 1.0 else 1.0
+        frame = np.clip(frame * scale, 0, 255).astype(np.uint8)
+    if frame.shape[2] == 1:
+        frame = frame.repeat(3, axis=2)
+    return np.ascontiguousarray(frame[:, :, :3])
+
+
 def fit_frame(frame: np.ndarray, height: int, width: int, crop: bool = True) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (height, width, 3): centre-crop to the target aspect ratio (unless `crop` is False:
     then the frame is squashed, as the official offline script does), then Lanczos resize.
@@ -132,6 +156,19 @@ def fit_frame(frame: np.ndarray, height: int, width: int, crop: bool = True) -> 
         frame = frame[(h - keep) // 2 : (h - keep) // 2 + keep]
     resized = Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), Image.Resampling.LANCZOS)
     return np.array(resized)
+
+
+def crop_around(frame: np.ndarray, height: int, width: int, center: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) -> (height, width, 3): the largest window of the target aspect ratio, as centred on `center`
+    (x, y in pixels; default: the middle) as the frame allows, resized with `fit_frame`."""
+    h, w = frame.shape[:2]
+    if center is None:
+        return fit_frame(frame, height, width)
+    crop_w, crop_h = (w, max(1, round(w * height / width))) if w * height <= h * width else (
+        max(1, round(h * width / height)), h)
+    left = int(min(max(center[0] - crop_w / 2, 0), w - crop_w))
+    top = int(min(max(center[1] - crop_h / 2, 0), h - crop_h))
+    return fit_frame(np.ascontiguousarray(frame[top : top + crop_h, left : left + crop_w]), height, width)
 
 
 def _describe(x: object) -> str:

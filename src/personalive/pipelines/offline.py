@@ -51,6 +51,7 @@ from personalive.config import PersonaLiveConfig
 from personalive.errors import ConfigError
 from personalive.io.faces import FaceCropper, crop_face, mediapipe_available
 from personalive.io.images import fit_frame, frames_to_tensor, load_image, resize_to_tensor, to_uint8
+from personalive.io.reference import read_reference_with_face
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader, VideoWriter
 from personalive.pipelines.build import ACCELERATIONS, build_engine
@@ -131,23 +132,6 @@ def face_cropper(face_crops: str) -> Iterator[FaceCropper | None]:
     finally:
         if cropper is not None:
             cropper.close()
-
-
-def prepare_reference(path: Path, cropper: FaceCropper | None, crop_size: int,
-                      image: Image.Image | None = None) -> tuple[Image.Image, Face]:
-    """Read the reference portrait (any mode and size: converted to 8-bit RGB, huge images downscaled; or take
-    `image`, read from `path` already) and cut its face crop (3, crop_size, crop_size) in [-1, 1] with `cropper`;
-    None without a cropper (keypoint box).
-
-    Raises:
-        ImageReadError: missing or undecodable file. NoFaceError: the cropper finds no face in it.
-    """
-    image = load_image(path) if image is None else image
-    if cropper is None:
-        return image, None
-    pixels = np.asarray(image)
-    box = cropper.box_or_raise(pixels, f"the reference image {path}")
-    return image, crop_face(pixels, box, crop_size)
 
 
 class DrivingFaces:
@@ -330,7 +314,7 @@ def run_offline(cfg: PersonaLiveConfig, reference: str | os.PathLike | None = No
         if engine is None:
             require_weights(cfg)  # a missing or empty weights folder fails here, before MediaPipe starts
         cropper = stack.enter_context(face_cropper(options.face_crops))
-        image, ref_face = prepare_reference(reference, cropper, crop_size, image)
+        image, ref_face = read_reference_with_face(reference, cropper, crop_size, image)
         if engine is None:
             engine = build_engine(cfg, acceleration=options.acceleration)
         height, width = engine.cfg.height, engine.cfg.width

@@ -24,12 +24,14 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from personalive.errors import ConfigError, ImageReadError, NoFaceError, ServerBusyError, VideoReadError
+from personalive.io.faces import FaceFinder
 from personalive.io.images import load_image
+from personalive.io.reference import frame_reference_around_face
 from personalive.io.samples import sample_reference
 from personalive.server.guard import Limits, Pages, RequestGuard, check_image_file, check_video_file
 from personalive.server.output_view import add_output_view
 from personalive.server.outputs import OutputHub
-from personalive.server.session import FaceFinder, OutputFrame, prepare_reference
+from personalive.server.session import OutputFrame
 from personalive.server.worker import FIRST_STATUS, StreamServer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +112,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
         name = "the sample" if sample else Path(image_path).name
         try:
             check_image_file(image_path, limits)  # a huge image is refused from its header, before decoding
-            image = prepare_reference(load_image(image_path), *reference_size, faces)
+            image = frame_reference_around_face(load_image(image_path), *reference_size, faces)
         except (ImageReadError, NoFaceError) as e:
             s.notice = str(e).replace(str(image_path), name)  # no server paths on the page
             return gr.skip(), server.status(s)

@@ -26,7 +26,8 @@ from personalive.config import PersonaLiveConfig
 from personalive.errors import ConfigError, PersonaLiveError, ServerBusyError, reason
 from personalive.io.images import frames_to_tensor, to_uint8
 from personalive.pipelines.build import build_engine, check_acceleration, resolve_device
-from personalive.server.session import Session, Stamp
+from personalive.server.pacing import Stamp
+from personalive.server.session import Session
 
 logger = logging.getLogger(__name__)
 
