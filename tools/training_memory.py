@@ -6,7 +6,7 @@ estimated from a measurement at a small size. JSON out.
 
 Weights, gradients and optimizer state are exact: the full-size networks of `configs/train/stage{1,2,3}.yaml` and
 `configs/weights/full/*.json` are built on the meta device (no memory), the trained parameters counted in fp32 with
-fp32 gradients and two fp32 AdamW moments, the frozen ones in the config's dtype. Sharded = FSDP SHARD_GRAD_OP
+fp32 gradients and two fp32 AdamW moments, the frozen ones in the config's dtype. Sharded = FSDP2 without resharding after forward
 (ZeRO-2, `configs/accelerate/fsdp_8_gpus.yaml`) over --gpus: gradients and optimizer state divided among them.
 
 Activations are an estimate: one training step of the stage runs on the CPU with the tiny networks of

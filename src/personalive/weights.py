@@ -183,22 +183,26 @@ def check_weights(weights_dir: str | Path, cfg: PersonaLiveConfig) -> list[str]:
     return problems
 
 
-def official_state_dicts(models: PersonaLiveModels, dtype: torch.dtype | None = None) -> dict[str, dict]:
-    """Official file -> state dict, e.g. to save training results in the layout inference loads."""
-    out = {}
+def official_state_dicts(models: PersonaLiveModels, dtype: torch.dtype | None = None,
+                         states: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Official file -> state dict, e.g. to save training results in the layout inference loads; `states` (network
+    name -> state dict) replaces the state dicts of those networks (e.g. gathered from shards)."""
+    out, states = {}, states or {}
     for file, (net, which) in OFFICIAL_FILES.items():
-        state = _select(getattr(models, net).state_dict(), which)
+        state = _select(states[net] if net in states else getattr(models, net).state_dict(), which)
         out[file] = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
     return out
 
 
 def save_models(models: PersonaLiveModels, out_dir: str | Path, configs: dict[str, dict],
-                dtype: torch.dtype | None = None, files: tuple[str, ...] = tuple(OFFICIAL_FILES)) -> None:
-    """Write `files` (official names) and the network configs in the official layout under `out_dir`."""
+                dtype: torch.dtype | None = None, files: tuple[str, ...] = tuple(OFFICIAL_FILES),
+                states: dict[str, dict] | None = None) -> None:
+    """Write `files` (official names) and the network configs in the official layout under `out_dir` (`states`: as
+    in `official_state_dicts`)."""
     out_dir = Path(out_dir)
     for name, rel in CONFIG_FILES.items():
         write_json(configs[name], out_dir / rel)
-    for file, state in official_state_dicts(models, dtype).items():
+    for file, state in official_state_dicts(models, dtype, states).items():
         if file in files:
             save_state_dict(state, out_dir / WEIGHT_FILES[file][-1])  # .pth/.bin, the official format
 

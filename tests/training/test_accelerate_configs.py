@@ -26,7 +26,7 @@ def test_fsdp_wraps_blocks_of_our_unets():
 
     fsdp = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/fsdp_8_gpus.yaml")).fsdp_config
     classes = set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","))
-    assert fsdp["fsdp_use_orig_params"]  # stage 3 trains only part of a wrapped UNet
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is False  # ZeRO-2, as the README says
     cfg = load_config(ROOT / "configs/train/stage1.yaml", [], schema=TrainConfig)
     configs = {n: json.loads((ROOT / f"configs/weights/full/{n}.json").read_text())
                for n in ("unet", "vae", "image_encoder")}

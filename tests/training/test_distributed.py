@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ from synthetic import ROOT, one_thread, video_dir  # noqa: F401 (fixtures)
 from personalive.io.checkpoints import find_weight_file, load_state_dict
 
 pytestmark = pytest.mark.slow
+FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
 
 
 def free_port() -> int:
@@ -27,12 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(processes, stage, weights, data, out, *overrides):
+def command(processes, stage, weights, data, out, *overrides, sharded=False):
     """`python train.py` for one process, else `accelerate launch --multi_gpu` (torchrun; the config's device=cpu
-    makes it gloo on the CPU: accelerate's own `--cpu` flag runs one process unless given an MPI host file)."""
+    makes it gloo on the CPU: accelerate's own `--cpu` flag runs one process unless given an MPI host file);
+    sharded: with configs/accelerate/fsdp_8_gpus.yaml, through fsdp_on_cpu.py."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())] if processes > 1 else [sys.executable]
+    if sharded:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs/accelerate/fsdp_8_gpus.yaml"), "--num_processes", str(processes),
+                    "--main_process_port", str(free_port()), str(FSDP_ON_CPU)]
     init = [f"init_from={weights}"] if stage > 1 else []
     return [*launcher, str(ROOT / "train.py"), "--config", str(ROOT / f"configs/train/tiny_stage{stage}.yaml"),
             f"weights_dir={weights}", f"data_dir={data}", f"output_dir={out}", *init, "data.repeats=2", *overrides]
@@ -159,3 +166,23 @@ def test_a_killed_run_resumes_with_another_number_of_processes(tiny_weights, vid
     before, after = metrics(tmp_path / "whole"), metrics(other)
     assert [m["keys"] for m in after[:2]] == [m["keys"] for m in before[:2]]
     assert after[2]["keys"] + after[3]["keys"] == before[2]["keys"] and after[2]["epoch"] == 0
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_fsdp_equals_one_process_and_resumes(stage, tiny_weights, video_dir, tmp_path):
+    """configs/accelerate/fsdp_8_gpus.yaml (FSDP2: gradients and optimizer state sharded) with 2 processes, stopped
+    after its checkpoint-2 and resumed to step 4: the same run as one uninterrupted process at the same global batch,
+    with one writer of full weights folders."""
+    steps = ["checkpointing_steps=2", "train_batch_size=1", "optim.adam_epsilon=1e-3"]
+    extra = ["sliding.rollout_steps=1"] if stage == 3 else []
+    run(command(1, stage, tiny_weights, video_dir, tmp_path / "one", *steps, *extra, "max_train_steps=4",
+                "gradient_accumulation_steps=2"))
+    out = tmp_path / "fsdp"
+    first = run(command(2, stage, tiny_weights, video_dir, out, *steps, *extra, "max_train_steps=2", sharded=True))
+    assert "Saving FSDP model" in first.stderr  # sharded, not DDP
+    resumed = run(command(2, stage, tiny_weights, video_dir, out, *steps, *extra, "max_train_steps=4", sharded=True))
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in resumed.stderr
+    assert_same_run(tmp_path / "one", out, 4)
+    assert_once_per_epoch(out, 6)
+    # the weights folders hold the same files as one process's (accelerate's own checkpoint files differ)
+    assert {f for f in files(tmp_path / "one") if "personalive/" in f} <= set(files(out))

@@ -88,10 +88,13 @@ def train(cfg: TrainConfig) -> Path:
         cpu=cfg.device == "cpu",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # e.g. the reference
     )                                                                                 # UNet's unused last layers
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"accelerate's {accelerator.distributed_type.value} is not supported by train.py yet: weights "
-                          "folders are written by the main process alone from the unwrapped networks, which sharding "
-                          "splits across processes; launch with DDP (configs/accelerate/one_machine_8_gpus.yaml)")
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("accelerate's DeepSpeed is not supported by train.py (never run with our networks); shard "
+                          "with FSDP instead: configs/accelerate/fsdp_8_gpus.yaml")
+    if sharded and cfg.ema_decay is not None:
+        raise ConfigError(f"ema_decay={cfg.ema_decay} cannot be used with FSDP (the average would follow each "
+                          "process's shard of the weights); set ema_decay=null or launch with DDP")
     if cfg.report_to == "tensorboard" and accelerator.log_with == []:
         logger.info("tensorboard is not installed: logging to the console and metrics.jsonl only")
     device, frozen_dtype = accelerator.device, DTYPES[cfg.dtype]
@@ -108,7 +111,7 @@ def train(cfg: TrainConfig) -> Path:
     lpips = load_perceptual(cfg.distill) if cfg.stage == 2 else None
     if lpips is not None:
         lpips.to(device)
-    stage = build_stage(models, cfg, lpips)
+    stage = build_stage(models, cfg, lpips, sharded)
     params = [p for p in stage.parameters() if p.requires_grad]
     logger.info("%.2f M trainable parameters", sum(p.numel() for p in params) / 1e6)
     o = cfg.optim
@@ -127,6 +130,7 @@ def train(cfg: TrainConfig) -> Path:
     dataloader = DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=workers,
                             persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     stage, optimizer = accelerator.prepare(stage, optimizer)
+    params = [p for p in stage.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
     accelerator.register_for_checkpointing(lr_scheduler)
     if sampler.steps() == 0:
         raise ConfigError(f"{len(dataset) // cfg.data.repeats} usable videos x data.repeats={cfg.data.repeats} cannot "
@@ -140,8 +144,10 @@ def train(cfg: TrainConfig) -> Path:
     configs = network_configs(source)
 
     def write(out_dir: Path) -> None:  # a weights folder of the current weights (their average, with ema_decay)
-        with averaged(ema, params):
-            write_weights(models, cfg, configs, source, out_dir)
+        with averaged(ema, params):  # every process gathers (FSDP shards the trained networks); the main one writes
+            states = trained_states(accelerator, stage)
+            if accelerator.is_main_process:
+                write_weights(models, cfg, configs, source, out_dir, states)
 
     global_step, epoch, position = 0, 0, 0  # position: samples of the epoch's order already trained on
     resume = _resume_checkpoint(cfg, output_dir)
@@ -212,8 +218,8 @@ def train(cfg: TrainConfig) -> Path:
     if saved_step != global_step:
         save_checkpoint(accelerator, cfg, write, global_step, _state(global_step, epoch, position, sampler))
     final = output_dir / "final"
+    _atomic_dir(final, write, accelerator)
     if accelerator.is_main_process:
-        _atomic_dir(final, write)
         logger.info("wrote %s (weights_dir=%s works for inference, init_from=%s for the next stage)", final, final,
                     final)
     accelerator.wait_for_everyone()
@@ -221,13 +227,27 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def write_weights(models: PersonaLiveModels, cfg: TrainConfig, configs: dict, source: Path, out_dir: Path) -> None:
+def trained_states(accelerator: Accelerator, stage: torch.nn.Module) -> dict[str, dict] | None:
+    """Network name -> full state dict of each network the stage trains, on the main process (None on the others).
+    Every process must call it: under FSDP it gathers the shards."""
+    full = accelerator.get_state_dict(stage)  # keys "nets.<network>.<parameter>", wrappers' prefixes removed
+    if not accelerator.is_main_process:
+        return None
+    states: dict[str, dict] = {}
+    for key, value in full.items():
+        net, name = key.removeprefix("nets.").split(".", 1)
+        states.setdefault(net, {})[name] = value
+    return states
+
+
+def write_weights(models: PersonaLiveModels, cfg: TrainConfig, configs: dict, source: Path, out_dir: Path,
+                  states: dict[str, dict] | None = None) -> None:
     """A complete weights folder in the official layout: the six `personalive/*.pth` files and the network configs
-    from memory (in cfg.save_dtype); VAE and CLIP hard-linked (else copied) from `source` unless they were trained;
-    plus the resolved `config.yaml`."""
+    from memory (`states` of the trained networks where given, in cfg.save_dtype); VAE and CLIP hard-linked (else
+    copied) from `source` unless they were trained; plus the resolved `config.yaml`."""
     trained = set(trainable_modules(cfg))
     files = PERSONALIVE_FILES + tuple(f for f in ("vae", "image_encoder") if f in trained)
-    save_models(models, out_dir, configs, DTYPES[cfg.save_dtype], files)
+    save_models(models, out_dir, configs, DTYPES[cfg.save_dtype], files, states)
     for name in ("vae", "image_encoder"):
         if name in trained:
             continue
@@ -257,17 +277,17 @@ def averaged(ema: EMAModel | None, params: list[torch.nn.Parameter]):
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, write: Callable[[Path], None], step: int,
                     state: dict | None = None) -> Path:
-    """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes + `state` (the
-    step and the data position) in `training_state.json`, renamed into place when complete. The main process writes
-    all but accelerate's per-process RNG files."""
+    """`output_dir/checkpoint-<step>`: accelerate state + the weights folder `write(folder)` writes (called on
+    every process) + `state` (the step and the data position) in `training_state.json`, renamed into place when
+    complete. The main process writes all but accelerate's per-process RNG files."""
     output_dir = Path(cfg.output_dir)
     out, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    write(tmp)
     if accelerator.is_main_process:
-        write(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, "stage": cfg.stage, **(state or {})}) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -365,11 +385,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _atomic_dir(out: Path, write) -> None:
+def _atomic_dir(out: Path, write, accelerator: Accelerator) -> None:
+    """`write(folder)` on every process (the main one writes) into a temporary folder renamed to `out`."""
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if accelerator.is_main_process:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)

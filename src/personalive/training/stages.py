@@ -53,6 +53,7 @@ from torch import nn
 from personalive import keypoints as kp
 from personalive.config import TrainConfig
 from personalive.errors import ConfigError
+from personalive.models.attention_processors import cross_attention_layers
 from personalive.models.container import PersonaLiveModels
 from personalive.pipelines.keyframes import far_from_bank
 from personalive.pipelines.stream import StreamEngine
@@ -134,8 +135,22 @@ def set_trainable(models: PersonaLiveModels, names: tuple[str, ...]) -> dict[str
         for name, param in model.named_parameters():
             if which == "all" or (".temporal_modules." in f".{name}") == (which == "temporal"):
                 param.requires_grad_(True)
+        for name in inert_parameters(model):
+            model.get_parameter(name).requires_grad_(False)
         nets[net] = model.train()
     return nets
+
+
+def inert_parameters(model: nn.Module) -> list[str]:
+    """Parameters that cannot change any output: the UNets' cross-attentions attend to one token (the CLIP
+    embedding), whose softmax weight is 1 whatever the query and key, so `norm2` (their only input), `to_q` and `to_k`
+    get no gradient (an exact zero without the attention savings). They stay frozen, so that every trained parameter
+    has optimizer state (FSDP2 loads a checkpoint only then) and none is weight-decayed for nothing."""
+    names = []
+    for attn2 in cross_attention_layers(model):
+        for sub in (f"{attn2.removesuffix('.attn2')}.norm2", f"{attn2}.to_q", f"{attn2}.to_k"):
+            names += [f"{sub}.{p}" for p, _ in model.get_submodule(sub).named_parameters()]
+    return names
 
 
 class TrainingStage(nn.Module):
@@ -144,10 +159,13 @@ class TrainingStage(nn.Module):
     Args:
         models: every network, already on the training device (trained ones in fp32, frozen ones in `cfg.dtype`).
         cfg: the run config. lpips: the perceptual loss (stage 2), or None.
+        sharded: trained under FSDP (see `forward`).
     """
 
-    def __init__(self, models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None):
+    def __init__(self, models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None,
+                 sharded: bool = False):
         super().__init__()
+        self.sharded, self._dangling = sharded, []
         self.trainable = trainable_modules(cfg)
         self.nets = nn.ModuleDict(set_trainable(models, self.trainable))
         self.models, self.cfg = models, cfg  # a dataclass, not a submodule: frozen networks stay out of DDP
@@ -159,6 +177,20 @@ class TrainingStage(nn.Module):
             for name in ("reference_unet", "denoising_unet"):
                 if name in self.nets:
                     self.nets[name].enable_gradient_checkpointing()
+
+    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
+        """`losses(batch, rng)`. Sharded, the loss also takes 0 x the reference UNet's output: its last transformer
+        block gets gradients only through the bank (its LN1 output), and FSDP fails on a wrapped block whose
+        output is not in the loss's graph (DDP's find_unused_parameters covers it)."""
+        self._dangling.clear()
+        out = self.losses(batch, rng)
+        if self._dangling:
+            out["loss"] = out["loss"] + 0 * sum(t.float().sum() for t in self._dangling)
+            self._dangling.clear()
+        return out
+
+    def losses(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def snr_weights(self, t: torch.Tensor, target: str) -> torch.Tensor | None:
         """Min-SNR-gamma loss weights at timesteps t (`cfg.snr_gamma`), or None (unweighted)."""
@@ -192,7 +224,9 @@ class TrainingStage(nn.Module):
         unet = self.models.reference_unet
         with self.grad("reference_unet"):
             t = torch.zeros(latents.shape[0], device=latents.device)
-            unet(latents.to(unet.dtype), t, encoder_hidden_states=clip, return_dict=False)
+            out = unet(latents.to(unet.dtype), t, encoder_hidden_states=clip, return_dict=False)[0]
+            if self.sharded and out.requires_grad:
+                self._dangling.append(out)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (b, f, 3, H, W) in [-1, 1] -> scaled VAE latents (b, 4, f, h, w) (posterior mean, as inference)."""
@@ -267,7 +301,7 @@ class TrainingStage(nn.Module):
 class HybridMotionStage(TrainingStage):
     """Stage 1: image-level hybrid motion training, epsilon loss at a uniform timestep."""
 
-    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]  # (b, f, 3, H, W)
         f = frames.shape[1]
         clip, _ = self.reference(batch)
@@ -284,7 +318,7 @@ class HybridMotionStage(TrainingStage):
 class DistillationStage(TrainingStage):
     """Stage 2: fewer-step appearance distillation on the inference schedule, loss on the clean prediction."""
 
-    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]
         b, f = frames.shape[:2]
         clip, ref_latents = self.reference(batch)
@@ -348,7 +382,7 @@ class SlidingStage(TrainingStage):
         face = kp.crop_faces(ref_image.to(m.motion_encoder.dtype), box, m.motion_encoder.config.image_size)
         return m.motion_encoder(rearrange(face, "f c h w -> 1 c f h w"))[:, 0].flatten(1).float()
 
-    def forward(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict, rng: Randomness) -> dict[str, torch.Tensor]:
         frames = batch["frames"]  # (1, L, 3, H, W)
         length = clip_frames(self.cfg)[0]
         if frames.shape[:2] != (1, length):
@@ -398,8 +432,9 @@ class SlidingStage(TrainingStage):
 STAGES: dict[int, type[TrainingStage]] = {1: HybridMotionStage, 2: DistillationStage, 3: SlidingStage}
 
 
-def build_stage(models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None) -> TrainingStage:
-    return STAGES[cfg.stage](models, cfg, lpips)
+def build_stage(models: PersonaLiveModels, cfg: TrainConfig, lpips: LPIPS | None = None,
+                sharded: bool = False) -> TrainingStage:
+    return STAGES[cfg.stage](models, cfg, lpips, sharded)
 
 
 def clip_frames(cfg: TrainConfig) -> tuple[int, bool]:
