@@ -4,6 +4,8 @@ The fixtures live here, not in a tests/training/conftest.py: a second `conftest`
 that other test files import by name (`from conftest import ROOT`). Test modules import the fixtures they use.
 """
 
+import subprocess
+import time
 from pathlib import Path
 
 import av
@@ -79,3 +81,13 @@ def one_thread():
 def video_dir(tmp_path_factory) -> Path:
     """Three 32-frame 64x64 synthetic talking-head videos (one in a sub-folder)."""
     return write_dataset(tmp_path_factory.mktemp("videos"))
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 600) -> None:
+    """Until `folder` (a checkpoint, renamed into place only when complete) exists, with `proc` still running."""
+    deadline = time.monotonic() + timeout
+    while not folder.is_dir():
+        assert proc.poll() is None, f"the run ended before {folder.name}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"

@@ -9,13 +9,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from synthetic import ROOT, one_thread, video_dir  # noqa: F401 (fixtures)
+from synthetic import ROOT, one_thread, video_dir, wait_for_checkpoint  # noqa: F401 (fixtures)
 
 from personalive.io.checkpoints import find_weight_file, load_state_dict
 
@@ -139,12 +138,7 @@ def test_a_killed_run_resumes_with_another_number_of_processes(tiny_weights, vid
         proc.wait()
 
     try:
-        deadline = time.monotonic() + 600
-        while not (out / "checkpoint-2").is_dir():  # renamed into place only when complete
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
+        wait_for_checkpoint(proc, out / "checkpoint-2")
         kill()  # SIGKILL to the launcher and both workers: no clean-up of any kind
     finally:
         kill()

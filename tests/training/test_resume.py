@@ -6,10 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from synthetic import ROOT, one_thread, video_dir  # noqa: F401 (fixtures)
+from synthetic import ROOT, one_thread, video_dir, wait_for_checkpoint  # noqa: F401 (fixtures)
 
 STEPS = 4
 
@@ -37,12 +36,7 @@ def test_killed_run_resumes_with_the_same_batches_and_losses(tiny_weights, video
     proc = subprocess.Popen(command(tiny_weights, video_dir, out), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while not (out / "checkpoint-2").is_dir():  # renamed into place only when complete
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
+        wait_for_checkpoint(proc, out / "checkpoint-2")
         proc.send_signal(signal.SIGKILL)  # in the middle of step 3: no clean-up of any kind
         proc.wait()
         assert not (out / "final").exists() and not (out / f"checkpoint-{STEPS}").exists()
