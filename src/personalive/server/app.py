@@ -174,7 +174,7 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             yield gr.skip(), f"**Server full:** {e}", gr.skip(), gr.skip()
             return
         turn = players[s.key] = players.get(s.key, 0) + 1
-        shown_status = shown_stats = shown_outputs = None
+        shown_frame, shown_status, shown_stats, shown_outputs = EMPTY_OUTPUT, None, None, None
         next_readout = 0.0
         while not s.closed and players.get(s.key) == turn:
             now = time.monotonic()
@@ -186,17 +186,17 @@ def build_page(server: StreamServer, reference_size: tuple[int, int], faces: Fac
             frame = s.next_output(now)
             if frame is not None:
                 outputs.offer(s.key, frame, now)
-            status = stats = outputs_line = gr.skip()
+                shown_frame = _frame_html(frame)
+            readout = shown_status, shown_stats, shown_outputs
             if now >= next_readout:
                 next_readout = now + READOUT_EVERY
-                if (text := server.status(s)) != shown_status:
-                    status = shown_status = text
-                if (text := s.stats_text(now)) != shown_stats:
-                    stats = shown_stats = text
-                if (text := outputs.status(s.key, now)) != shown_outputs:
-                    outputs_line = shown_outputs = text
-            if frame is not None or any(isinstance(x, str) for x in (status, stats, outputs_line)):
-                yield _frame_html(frame) if frame is not None else gr.skip(), status, stats, outputs_line
+                shown_status, shown_stats = server.status(s), s.stats_text(now)
+                shown_outputs = outputs.status(s.key, now)
+            if frame is not None or (shown_status, shown_stats, shown_outputs) != readout:
+                # unchanged outputs are sent again rather than skipped: gradio keeps the component it builds for
+                # every gr.skip() (one per skipped output per frame, a leak), and streamed outputs travel as diffs
+                yield tuple(gr.skip() if x is None else x for x in (shown_frame, shown_status, shown_stats,
+                                                                    shown_outputs))
             wait = s.wait_time(time.monotonic())
             idle = READOUT_EVERY if s.worker is None else 0.05  # a page without a stream costs the server less
             await asyncio.sleep(idle if wait is None else min(wait, 0.05))
