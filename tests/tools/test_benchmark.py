@@ -89,3 +89,18 @@ def test_flops_per_stage_on_the_meta_device(tmp_path, capsys):
     assert 5 < stages["unet"] < 7 and 2 < stages["vae_decode"] < 3  # SD-size UNet on 16 frames, SD VAE at 512
     assert 0 < result["removed_tflop_per_frame"]["exact_attention_savings"] < stages["unet"]
     assert "TFLOP per output frame" in capsys.readouterr().err
+
+
+def test_tiny_decoder_compared_in_one_run(tmp_path, tiny_weights, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "4",
+            "--warmup", "0", "--rounds", "1", "--compare", "vae_decoder=sd,vae_decoder=tiny", "--json", str(out),
+            "--log-level", "WARNING"]
+    assert run_tool("benchmark", argv) == 0
+    result = json.loads(out.read_text())
+    labels = ["none:after:vae_decoder=sd", "none:after:vae_decoder=tiny"]
+    assert list(result["backends"]) == labels and result["stage_speedup"][labels[1]]["vae_decode"] > 0
+    flops = tmp_path / "flops.json"  # the tiny folder's own TAESD size
+    assert run_tool("benchmark", argv[:2] + ["--flops", str(tiny_weights), "--json", str(flops)]) == 0
+    removed = json.loads(flops.read_text())["removed_tflop_per_frame"]["vae_decoder=tiny"]
+    assert 0 < removed < json.loads(flops.read_text())["tflop_per_frame"]["vae_decode"]
