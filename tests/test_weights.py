@@ -1,14 +1,15 @@
 """Weights in the official layout: random tiny folder round trip, --check, strict loading, full-size key lists."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, official_keys, run_tool
+from conftest import ROOT, load_tool, official_keys, run_tool
 
 from personalive.config import load_config
-from personalive.errors import CheckpointError, WeightsNotFoundError
+from personalive.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from personalive.io.checkpoints import find_weight_file, from_official, load_state_dict, read_config, save_state_dict
 from personalive.weights import OFFICIAL_FILES, build_models, expected_shapes, load_models, network_configs
 
@@ -176,3 +177,67 @@ def test_empty_or_missing_folder_says_so_with_the_one_command_that_fills_it(tmp_
         argv = ["--check", str(folder)] + (["--config", config] if config else [])
         assert run_tool("download_weights", argv) == 1
         assert capsys.readouterr().out.strip() == message
+
+
+def test_tiny_vae_is_optional_named_when_missing_and_checked(broken, capsys):
+    """TAESD (taesd/) is read only with vae_decoder=tiny; missing, it is one line naming the file and the command."""
+    for config in (TINY, *sorted(str(p) for p in (ROOT / "configs/prompts").glob("personalive_*.yaml")), None):
+        assert load_config(config).vae_decoder == "sd"  # never the default
+    tiny = load_config(TINY, [f"weights_dir={broken}", "vae_decoder=tiny"])
+    assert type(load_models(tiny).tiny_vae).__name__ == "AutoencoderTiny"
+    assert check(broken) == 0 and run_tool("download_weights", ["--check", str(broken), "--config", TINY,
+                                                                "vae_decoder=tiny"]) == 0
+    path = broken / "taesd/diffusion_pytorch_model.safetensors"
+    state = load_state_dict(path)
+    state.pop(next(iter(state)))
+    save_state_dict(state, path)
+    assert check(broken) == 1 and "taesd/diffusion_pytorch_model.safetensors: 1 missing keys" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_models(tiny)
+    path.unlink()
+    assert load_models(load_config(TINY, [f"weights_dir={broken}"])).tiny_vae is None  # sd needs no TAESD
+    message = (f"{path} not found; vae_decoder=tiny needs TAESD: run `python tools/download_weights.py "
+               f"--with-tiny-vae --out {broken}` (or `python tools/make_random_weights.py --out {broken}`: random), "
+               "or set vae_decoder=sd")
+    with pytest.raises(WeightsNotFoundError) as e:
+        load_models(tiny)
+    assert str(e.value) == message
+    assert run_tool("download_weights", ["--check", str(broken), "--config", TINY, "vae_decoder=tiny"]) == 1
+    assert capsys.readouterr().out.strip() == message
+    with pytest.raises(ConfigError, match="vae_decoder='big' is not supported"):
+        load_config(TINY, ["vae_decoder=big"])
+
+
+def test_full_size_tiny_vae_config_is_taesds():
+    """configs/weights/full/taesd.json = madebyollin/taesd's config.json = AutoencoderTiny's defaults."""
+    from diffusers import AutoencoderTiny
+
+    config = json.loads((ROOT / "configs/weights/full/taesd.json").read_text())
+    def plain(model):  # tuples as JSON lists, without diffusers' bookkeeping
+        return {k: v for k, v in json.loads(json.dumps(dict(model.config))).items() if not k.startswith("_")}
+
+    assert plain(AutoencoderTiny.from_config(config)) == plain(AutoencoderTiny())
+    assert config["scaling_factor"] == 1.0 and config["latent_channels"] == 4
+
+
+def test_download_with_tiny_vae_fetches_taesd(fake_hub, tmp_path):
+    out = tmp_path / "pretrained_weights"
+    assert run_tool("download_weights", ["--out", str(out)]) == 0
+    assert not (out / "taesd").exists() and all(repo != "madebyollin/taesd" for repo, _ in fake_hub)
+    assert run_tool("download_weights", ["--out", str(out), "--with-tiny-vae"]) == 0
+    assert fake_hub[-2:] == [("madebyollin/taesd", "config.json"),
+                             ("madebyollin/taesd", "diffusion_pytorch_model.safetensors")]
+    assert (out / "taesd/config.json").is_file() and (out / "taesd/diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_download_with_tiny_vae_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    """The real hub client in offline mode (no network here): the TAESD file it could not fetch, in one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tool = load_tool("download_weights")
+    for _, _, dest in tool.FILES:  # everything else is there already
+        (tmp_path / dest).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / dest).write_bytes(b"x")
+    assert tool.main(["--out", str(tmp_path), "--with-tiny-vae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "could not download config.json from https://huggingface.co/madebyollin/taesd" in err

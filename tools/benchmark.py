@@ -38,6 +38,9 @@ per bank entry, the one-token CLIP cross-attention as `to_out(to_v(clip))`, `tor
 --official DIR --official-python PY adds the official online wrapper's step to every round (a checkout you supply,
 run in its own venv by tools/fidelity/time_official.py on the same weights; use the fidelity config) and reports
 `official.speedup_vs_official`: the official step time over ours, the median of the per-round ratios.
+
+--compare A,B times config variants in alternating rounds (`+` joins overrides), e.g. the tiny decoder:
+    python tools/benchmark.py --config configs/prompts/tiny.yaml --compare vae_decoder=sd,vae_decoder=tiny --rounds 3
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from personalive.cli import add_common_arguments, run
 from personalive.config import load_config
 from personalive.errors import PersonaLiveError
+from personalive.io.checkpoints import OPTIONAL_CONFIG_FILES
 from personalive.io.images import fit_frame, frames_to_tensor, load_image
 from personalive.io.samples import sample_driving_video, sample_reference
 from personalive.io.video import VideoReader
@@ -225,12 +229,22 @@ def use_savings(engine, on: bool) -> None:
     engine.grad_mode = torch.inference_mode if on else torch.no_grad
 
 
-def stage_flops(cfg, configs: dict[str, dict]) -> dict:
+def taesd_config(folder: Path) -> dict:
+    """The TAESD config of a weights folder or a sizes folder (`configs/weights/<size>/taesd.json`); without one,
+    {}: AutoencoderTiny's defaults, which are madebyollin/taesd's."""
+    for path in (folder / "taesd.json", folder / OPTIONAL_CONFIG_FILES["taesd"]):
+        if path.is_file():
+            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return {}
+
+
+def stage_flops(cfg, configs: dict[str, dict], tiny_config: dict | None = None) -> dict:
     """TFLOP per output frame of each stage of a step at the config's size, counted on the meta device (no
-    memory, no weights), and what the options remove: the exact attention savings, the tiny VAE decoder."""
+    memory, no weights), and what the options remove: the exact attention savings, the tiny VAE decoder
+    (`tiny_config`, default TAESD's)."""
     with torch.device("meta"):
         models = build_models(cfg, configs).eval()
-        tiny_vae = AutoencoderTiny().eval().requires_grad_(False)  # TAESD's architecture
+        tiny_vae = AutoencoderTiny.from_config(tiny_config or {}).eval().requires_grad_(False)
     bank = ReferenceBank(cfg.max_keyframes)
     install_reference_attention(models.reference_unet, models.denoising_unet, bank, cfg.attention)
     w, frames = cfg.temporal_window_size, cfg.temporal_window_size * cfg.temporal_adaptive_step
@@ -353,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         folder = Path(cfg.weights_dir) if args.flops is True else args.flops
         result = {"config": str(args.config), "networks": str(folder), "height": cfg.height, "width": cfg.width,
-                  **stage_flops(cfg, network_configs(folder))}
+                  **stage_flops(cfg, network_configs(folder), taesd_config(folder))}
         print("TFLOP per output frame: " + ", ".join(f"{k} {v:.3f}" for k, v in result["tflop_per_frame"].items())
               + f"; total {result['total_tflop_per_frame']:.3f}; removed by "
               + ", ".join(f"{k} {v:.3f}" for k, v in result["removed_tflop_per_frame"].items()), file=sys.stderr)

@@ -4,7 +4,8 @@
     python tools/make_random_weights.py --size full --out DIR --dtype fp16
     python tools/make_random_weights.py --size fidelity            # -> pretrained_weights/fidelity
 
-Every test and demo then runs the real loading code on these files.
+Every test and demo then runs the real loading code on these files. Sizes with a `configs/weights/<size>/taesd.json`
+(tiny, full) also get random TAESD weights in `taesd/` (the optional decoder of vae_decoder=tiny).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderTiny
 
 from personalive.config import PROJECT_ROOT, load_config
 from personalive.errors import PersonaLiveError
-from personalive.io.checkpoints import WEIGHT_FILES, save_state_dict, write_json
+from personalive.io.checkpoints import OPTIONAL_CONFIG_FILES, WEIGHT_FILES, save_state_dict, write_json
 from personalive.weights import OFFICIAL_FILES, build_models, official_state_dicts, perturb_zero_init, save_models
 
 SIZES = {"tiny": ("configs/prompts/tiny.yaml", "pretrained_weights/tiny"),
@@ -71,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         save_state_dict(base, out / WEIGHT_FILES["base_unet"][-1])
         write_json(_read_json(PROJECT_ROOT / f"configs/weights/{args.size}/model_index.json"),
                    out / "sd-image-variations-diffusers/model_index.json")
+        taesd = PROJECT_ROOT / f"configs/weights/{args.size}/taesd.json"
+        if taesd.is_file():  # the optional tiny decoder (vae_decoder=tiny), drawn after the rest: they stay the same
+            config = _read_json(taesd) | ({"latent_channels": args.latent_channels} if args.latent_channels else {})
+            tiny_vae = AutoencoderTiny.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+            write_json(config, out / OPTIONAL_CONFIG_FILES["taesd"])
+            save_state_dict({k: v.to(dtype) for k, v in tiny_vae.state_dict().items()},
+                            out / WEIGHT_FILES["taesd"][0])
     except PersonaLiveError as e:
         logging.error("error: %s", e)
         return 2

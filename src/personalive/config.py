@@ -146,6 +146,10 @@ class PersonaLiveConfig:
     # the convolution-heavy networks in channels-last memory: faster CPU convolutions (tools/benchmark.py --compare),
     # the same numbers up to float rounding (the official-fixture tests run with it)
     channels_last: bool = True
+    # what decodes the latents to frames: "sd" (the SD VAE decoder, official) or "tiny" (TAESD, diffusers'
+    # AutoencoderTiny from weights_dir/taesd/: about 2.4 of 8.5 TFLOP per frame less at full size, an approximation
+    # of the SD decoder). The SD VAE still encodes the reference either way.
+    vae_decoder: str = "sd"
     seed: int = 42  # seeds the engine's noise generator (and nothing global)
     fps: float = 16.0  # default driving frame rate of the web page
     keyframe_threshold: float = 17.0  # official: L2 distance over one frame's 32x16 motion tokens
@@ -161,6 +165,7 @@ class PersonaLiveConfig:
             "sampler": (self.sampler, {"DDIM"}),
             "dtype": (self.dtype, {"fp16", "bf16", "fp32"}),
             "attention": (self.attention, {"sdpa", "xformers"}),
+            "vae_decoder": (self.vae_decoder, {"sd", "tiny"}),
             "keyframe_motion": (self.keyframe_motion, {None, "leaving", "entering"}),
         }
         for key, (value, allowed) in check.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -32,6 +32,7 @@ from personalive.io.checkpoints import (
     from_official,
     load_state_dict,
     load_strict,
+    optional_files,
     read_config,
     read_shapes,
     require_keys,
@@ -77,7 +78,29 @@ def require_weights(cfg: PersonaLiveConfig, weights_dir: str | Path | None = Non
         read_config(weights_dir, name)
     for file in OFFICIAL_FILES:
         find_weight_file(weights_dir, file)
+    for file in optional_files(cfg):
+        read_config(weights_dir, file)
+        find_weight_file(weights_dir, file)
     return weights_dir
+
+
+def _no_meta(config: dict) -> dict:
+    """A diffusers config without its `_class_name`/`_diffusers_version` entries."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def load_tiny_vae(weights_dir: str | Path) -> AutoencoderTiny:
+    """TAESD (diffusers' AutoencoderTiny) from `weights_dir/taesd/` (its `config.json` and safetensors), strictly,
+    fp32 on the CPU, in eval mode."""
+    config = read_config(weights_dir, "taesd")
+    path = find_weight_file(weights_dir, "taesd")
+    with init_empty_weights():
+        model = AutoencoderTiny.from_config(_no_meta(config))
+    state = load_state_dict(path)
+    load_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, "taesd", path,
+                assign=True)
+    logger.info("read %s: %d tensors", path, len(state))
+    return cast_model(model, "cpu", torch.float32).eval()
 
 
 def network_configs(weights_dir: str | Path) -> dict[str, dict]:
@@ -112,7 +135,7 @@ def build_models(cfg: PersonaLiveConfig, configs: dict[str, dict]) -> PersonaLiv
         pose_guider=PoseGuider(**dataclasses.asdict(model.pose_guider)),
         motion_encoder=MotionEncoder(**dataclasses.asdict(model.motion_encoder)),
         motion_extractor=MotionExtractor(**dataclasses.asdict(model.motion_extractor)),
-        vae=AutoencoderKL.from_config({k: v for k, v in configs["vae"].items() if not k.startswith("_")}),
+        vae=AutoencoderKL.from_config(_no_meta(configs["vae"])),
         image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(configs["image_encoder"])),
     )
 
@@ -152,6 +175,8 @@ def load_models(cfg: PersonaLiveConfig, device: torch.device | str = "cpu",
         require_keys(net, state, full[net], " + ".join(str(paths[f]) for f in files))
         getattr(models, net).load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                              strict=True, assign=True)
+    if "taesd" in optional_files(cfg):
+        models.tiny_vae = load_tiny_vae(weights_dir)
     return models.to(device, dtype).eval()
 
 
@@ -180,6 +205,15 @@ def check_weights(weights_dir: str | Path, cfg: PersonaLiveConfig) -> list[str]:
         union[net][2].append(str(path))
     for net, (shapes, wanted, paths) in union.items():
         problems += check_keys(net, shapes, wanted, " + ".join(paths))
+    if "taesd" in optional_files(cfg) or (weights_dir / WEIGHT_FILES["taesd"][0]).exists():
+        try:
+            with torch.device("meta"):
+                tiny = AutoencoderTiny.from_config(_no_meta(read_config(weights_dir, "taesd")))
+            path = find_weight_file(weights_dir, "taesd")
+            problems += check_keys("taesd", read_shapes(path), {k: list(v.shape) for k, v in tiny.state_dict().items()},
+                                   path)
+        except PersonaLiveError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -83,6 +83,15 @@ def test_export_from_other_weights_is_refused(tiny_models, tiny_cfg, tiny_export
         create_step_fn("onnxruntime", engine, directory=tmp_path)
 
 
+def test_export_with_the_other_decoder_is_refused(tiny_models, tiny_cfg, tiny_export):
+    """The exported step holds its decoder: an sd export does not serve vae_decoder=tiny (and the other way)."""
+    engine = StreamEngine(tiny_models, tiny_cfg)
+    with pytest.raises(CheckpointError, match=r"built with vae_decoder=sd, this run has vae_decoder=tiny; rebuild it "
+                                              r"with `python torch2trt.py --config <this config> --onnx-only "
+                                              r"vae_decoder=tiny --force`"):
+        create_step_fn("onnxruntime", engine, variant(tiny_cfg, vae_decoder="tiny"), directory=tiny_export)
+
+
 def test_unreadable_model_is_a_checkpoint_error(tiny_models, tiny_cfg, tiny_export, tmp_path):
     shutil.copytree(tiny_export / "onnx", tmp_path / "onnx")
     (tmp_path / ONNX_PATH).write_bytes(b"not a model")

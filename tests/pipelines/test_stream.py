@@ -199,3 +199,38 @@ def test_private_members_stay_inside_the_engine():
     found = [f"{path.relative_to(root)}: {match}" for path in files if path.name != "stream.py"
              for match in private.findall(path.read_text())]
     assert len(files) > 20 and not found, found
+
+
+def test_tiny_decoder_decodes_the_unet_latents_as_diffusers_gives_them(tiny_cfg, reference, monkeypatch):
+    """vae_decoder=tiny: TAESD (diffusers' AutoencoderTiny) decodes, the SD VAE still encodes the reference. TAESD
+    takes the UNets' latents as they are (diffusers' `decode(latents / vae.config.scaling_factor)` with TAESD's 1.0;
+    the SD VAE's 0.18215 would scale them by 5.5), and the frames are (f, H, W, 3) in [0, 1], unlike the SD decode."""
+    from diffusers import AutoencoderTiny
+
+    from personalive.pipelines.build import build_engine
+
+    chunks = driving(4)
+    sd = run(build_engine(tiny_cfg, "cpu"), reference, chunks)
+    engine = build_engine(dataclasses.replace(tiny_cfg, vae_decoder="tiny"), "cpu")
+    tiny_vae = engine.models.tiny_vae
+    assert isinstance(tiny_vae, AutoencoderTiny) and engine.step_module.decoder is tiny_vae
+    assert tiny_vae.config.scaling_factor == 1.0
+    clean, decoded = [], []
+    step, decode = engine.scheduler.step, tiny_vae.decode
+
+    def spy_step(*args):
+        stepped, x0 = step(*args)
+        clean.append(x0)
+        return stepped, x0
+
+    monkeypatch.setattr(engine.scheduler, "step", spy_step)
+    monkeypatch.setattr(tiny_vae, "decode", lambda x, **k: decoded.append(x) or decode(x, **k))
+    frames = run(engine, reference, chunks)
+    mean = engine.models.vae.encode(engine.state.ref_image[None]).latent_dist.mean  # the SD VAE encodes
+    torch.testing.assert_close(engine.state.ref_latents, mean * engine.models.vae.config.scaling_factor)
+    assert len(decoded) == len(clean) == len(chunks)
+    for x, x0 in zip(decoded, clean, strict=True):  # the oldest chunk's clean latents, not divided by 0.18215
+        assert torch.equal(x, x0[0, :, :4].permute(1, 0, 2, 3))
+    assert frames.shape == sd.shape == (16, 64, 64, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0
+    assert (frames - sd).abs().mean() > 0.05  # another decoder

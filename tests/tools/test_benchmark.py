@@ -53,25 +53,24 @@ def test_benchmark_refuses_unknown_backends():
     assert e.value.code == 2
 
 
-def test_savings_compared_in_one_run(tmp_path, tiny_weights):
+def compare_tiny(tmp_path, tiny_weights, *options: str) -> dict:
+    """The JSON of a 4-frame, one-round benchmark of the tiny config with `options`."""
     out = tmp_path / "bench.json"
     argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "4",
-            "--warmup", "0", "--rounds", "1", "--savings", "before,after", "--threads", "1", "--json", str(out),
-            "--log-level", "WARNING"]
+            "--warmup", "0", "--rounds", "1", *options, "--json", str(out), "--log-level", "WARNING"]
     assert run_tool("benchmark", argv) == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_savings_compared_in_one_run(tmp_path, tiny_weights):
+    result = compare_tiny(tmp_path, tiny_weights, "--savings", "before,after", "--threads", "1")
     assert set(result["backends"]) == {"none:before", "none:after"}
     assert [result["backends"][b]["savings"] for b in ("none:before", "none:after")] == ["before", "after"]
     assert result["speedup"]["none:before"] == 1.0 and result["stage_speedup"]["none:after"]["unet"] > 0
 
 
 def test_config_variants_compared_in_one_run(tmp_path, tiny_weights):
-    out = tmp_path / "bench.json"
-    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), f"weights_dir={tiny_weights}", "--frames", "4",
-            "--warmup", "0", "--rounds", "1", "--compare", "channels_last=false,channels_last=true+seed=3",
-            "--json", str(out), "--log-level", "WARNING"]
-    assert run_tool("benchmark", argv) == 0
-    result = json.loads(out.read_text())
+    result = compare_tiny(tmp_path, tiny_weights, "--compare", "channels_last=false,channels_last=true+seed=3")
     labels = ["none:after:channels_last=false", "none:after:channels_last=true+seed=3"]
     assert list(result["backends"]) == labels
     assert [result["backends"][b]["variant"] for b in labels] == ["channels_last=false", "channels_last=true+seed=3"]
@@ -89,3 +88,14 @@ def test_flops_per_stage_on_the_meta_device(tmp_path, capsys):
     assert 5 < stages["unet"] < 7 and 2 < stages["vae_decode"] < 3  # SD-size UNet on 16 frames, SD VAE at 512
     assert 0 < result["removed_tflop_per_frame"]["exact_attention_savings"] < stages["unet"]
     assert "TFLOP per output frame" in capsys.readouterr().err
+
+
+def test_tiny_decoder_compared_in_one_run(tmp_path, tiny_weights):
+    result = compare_tiny(tmp_path, tiny_weights, "--compare", "vae_decoder=sd,vae_decoder=tiny")
+    labels = ["none:after:vae_decoder=sd", "none:after:vae_decoder=tiny"]
+    assert list(result["backends"]) == labels and result["stage_speedup"][labels[1]]["vae_decode"] > 0
+    flops = tmp_path / "flops.json"  # the tiny folder's own TAESD size
+    argv = ["--config", str(ROOT / "configs/prompts/tiny.yaml"), "--flops", str(tiny_weights), "--json", str(flops)]
+    assert run_tool("benchmark", argv) == 0
+    removed = json.loads(flops.read_text())["removed_tflop_per_frame"]["vae_decoder=tiny"]
+    assert 0 < removed < json.loads(flops.read_text())["tflop_per_frame"]["vae_decode"]

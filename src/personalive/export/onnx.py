@@ -30,7 +30,7 @@ PROTOBUF_LIMIT = 2**31  # a single ONNX file cannot exceed 2 GB; larger models k
 
 def export_key(spec: StreamStepSpec, cfg) -> dict:
     """Everything a cached export depends on."""
-    return {**spec.key(), "opset": OPSET, "weights": weights_fingerprint(cfg),
+    return {**spec.key(), "opset": OPSET, "vae_decoder": cfg.vae_decoder, "weights": weights_fingerprint(cfg),
             "versions": versions("torch", "onnx", "diffusers", "personalive")}
 
 

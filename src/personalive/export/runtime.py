@@ -88,6 +88,10 @@ def _check_export(path: Path, cfg, flags: str) -> None:
     metadata = read_metadata(path)
     if not metadata:
         raise CheckpointError(f"{path} has no readable export.json beside it; rebuild it with `{hint} --force`")
+    built_with = metadata.get("key", {}).get("vae_decoder", "sd")  # exports before the option decode with sd
+    if built_with != cfg.vae_decoder:
+        raise CheckpointError(f"{path} was built with vae_decoder={built_with}, this run has vae_decoder="
+                              f"{cfg.vae_decoder}; rebuild it with `{hint} vae_decoder={cfg.vae_decoder} --force`")
     if metadata.get("key", {}).get("weights") != weights_fingerprint(cfg):
         raise CheckpointError(f"{path} was built from other weights than {cfg.weights_dir}; "
                               f"rebuild it with `{hint} --force`")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from personalive.config import PersonaLiveConfig, resolve_path
-from personalive.io.checkpoints import OFFICIAL_FILES, find_weight_file
+from personalive.io.checkpoints import OFFICIAL_FILES, find_weight_file, optional_files
 from personalive.models.attention_processors import self_attention_layers
 
 GRAPH_VERSION = 1  # bump when the exported graph changes meaning; cached exports with another number are rebuilt
@@ -181,7 +181,7 @@ def weights_fingerprint(cfg: PersonaLiveConfig) -> str:
     """A short content hash of the weight files of `cfg` (name, size, first and last MiB of each)."""
     digest = hashlib.sha256()
     weights_dir = resolve_path(cfg.weights_dir)
-    for file in OFFICIAL_FILES:
+    for file in [*OFFICIAL_FILES, *optional_files(cfg)]:
         path = find_weight_file(weights_dir, file)
         size = path.stat().st_size
         digest.update(f"{file}:{path.name}:{size}".encode())

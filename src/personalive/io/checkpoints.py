@@ -45,17 +45,35 @@ WEIGHTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     # the SD UNet: only its config is needed for inference; its weights initialise training
     "base_unet": (("sd-image-variations-diffusers/unet/diffusion_pytorch_model.safetensors",
                    "sd-image-variations-diffusers/unet/diffusion_pytorch_model.bin"), None, "all"),
+    # optional (OPTIONAL_FILES): TAESD (madebyollin/taesd), diffusers' AutoencoderTiny, decodes with vae_decoder=tiny
+    "taesd": (("taesd/diffusion_pytorch_model.safetensors",), "tiny_vae", "all"),
 }
+# files read only when an option asks for them: file -> that option; no other path requires or writes them
+OPTIONAL_FILES: dict[str, str] = {"taesd": "vae_decoder=tiny"}
 WEIGHT_FILES: dict[str, tuple[str, ...]] = {name: files for name, (files, _, _) in WEIGHTS.items()}
-# the files inference loads: official file -> (network, which of its keys the file holds)
-OFFICIAL_FILES: dict[str, tuple[str, str]] = {name: (net, keys) for name, (_, net, keys) in WEIGHTS.items() if net}
+# the files inference always loads: official file -> (network, which of its keys the file holds)
+OFFICIAL_FILES: dict[str, tuple[str, str]] = {name: (net, keys) for name, (_, net, keys) in WEIGHTS.items()
+                                              if net and name not in OPTIONAL_FILES}
 CONFIG_FILES: dict[str, str] = {
     "unet": "sd-image-variations-diffusers/unet/config.json",
     "vae": "sd-vae-ft-mse/config.json",
     "image_encoder": "sd-image-variations-diffusers/image_encoder/config.json",
 }
+OPTIONAL_CONFIG_FILES: dict[str, str] = {"taesd": "taesd/config.json"}
 FETCH_HINT = ("run `python tools/download_weights.py --out {dir}` (real weights) or "
               "`python tools/make_random_weights.py --out {dir}` (random, for tests), or set weights_dir=<folder>")
+TINY_VAE_HINT = ("vae_decoder=tiny needs TAESD: run `python tools/download_weights.py --with-tiny-vae --out {dir}` "
+                 "(or `python tools/make_random_weights.py --out {dir}`: random), or set vae_decoder=sd")
+
+
+def _fetch_hint(name: str, weights_dir: Path) -> str:
+    return (TINY_VAE_HINT if name == "taesd" else FETCH_HINT).format(dir=weights_dir)
+
+
+def optional_files(cfg) -> list[str]:
+    """The optional weight files (`OPTIONAL_FILES`) that a run config's options ask for."""
+    options = {"vae_decoder=tiny": cfg.vae_decoder == "tiny"}
+    return [file for file, option in OPTIONAL_FILES.items() if options[option]]
 
 
 def find_weight_file(weights_dir: str | Path, name: str) -> Path:
@@ -64,7 +82,7 @@ def find_weight_file(weights_dir: str | Path, name: str) -> Path:
     for rel in WEIGHT_FILES[name]:
         if (weights_dir / rel).is_file():
             return weights_dir / rel
-    raise WeightsNotFoundError(f"{weights_dir / WEIGHT_FILES[name][-1]} not found; {FETCH_HINT.format(dir=weights_dir)}")
+    raise WeightsNotFoundError(f"{weights_dir / WEIGHT_FILES[name][-1]} not found; {_fetch_hint(name, weights_dir)}")
 
 
 def check_weights_folder(weights_dir: str | Path, command: str) -> None:
@@ -84,10 +102,10 @@ def check_weights_folder(weights_dir: str | Path, command: str) -> None:
 
 
 def read_config(weights_dir: str | Path, name: str) -> dict:
-    """A diffusers/transformers `config.json` from the layout, as a dict."""
-    path = Path(weights_dir) / CONFIG_FILES[name]
+    """A diffusers/transformers `config.json` from the layout (`CONFIG_FILES`, `OPTIONAL_CONFIG_FILES`), as a dict."""
+    path = Path(weights_dir) / {**CONFIG_FILES, **OPTIONAL_CONFIG_FILES}[name]
     if not path.is_file():
-        raise WeightsNotFoundError(f"{path} not found; {FETCH_HINT.format(dir=weights_dir)}")
+        raise WeightsNotFoundError(f"{path} not found; {_fetch_hint(name, Path(weights_dir))}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

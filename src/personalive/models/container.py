@@ -1,4 +1,5 @@
-"""`PersonaLiveModels`: the seven networks of one PersonaLive, held together (built and loaded by `personalive.weights`)."""
+"""`PersonaLiveModels`: the seven networks of one PersonaLive (and the optional tiny decoder), held together (built and
+loaded by `personalive.weights`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPVisionModelWithProjection
 
 from personalive.models import cast_model
@@ -25,9 +26,16 @@ class PersonaLiveModels:
     motion_extractor: MotionExtractor
     vae: AutoencoderKL
     image_encoder: CLIPVisionModelWithProjection
+    tiny_vae: AutoencoderTiny | None = None  # TAESD, loaded with vae_decoder=tiny
 
     def items(self):
-        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    @property
+    def decoder(self) -> AutoencoderKL | AutoencoderTiny:
+        """What decodes latents to frames: TAESD when loaded (vae_decoder=tiny), else the SD VAE (which always
+        encodes the reference: the UNets work in its latent space)."""
+        return self.vae if self.tiny_vae is None else self.tiny_vae
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> PersonaLiveModels:
         for _, model in self.items():

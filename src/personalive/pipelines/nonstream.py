@@ -33,7 +33,7 @@ from einops import rearrange
 from PIL import Image
 
 from personalive import keypoints as kp
-from personalive.pipelines.stream import StreamEngine
+from personalive.pipelines.stream import StreamEngine, decode_latents
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,5 @@ def animate_clip(engine: StreamEngine, reference: Image.Image, frames: torch.Ten
             engine.add_keyframe(motion[0, lo], x0[:, :, 0])
         if i >= engine.chunks - 1:  # a chunk of the clip is clean (the first steps finish the ramp)
             with engine.stage("vae_decode"):  # as StreamStep decodes
-                out = m.vae.decode(rearrange(x0[:, :, :w].to(dtype), "1 c f h w -> f c h w")
-                                   / m.vae.config.scaling_factor).sample
-            yield (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+                out = decode_latents(m.decoder, x0[:, :, :w].to(dtype))
+            yield out.float().cpu()

@@ -48,6 +48,18 @@ def no_stage(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def decode_latents(decoder: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (1, 4, f, h, w) in the UNets' space (the SD VAE's, scaled by its 0.18215) -> frames (f, H, W, 3) in
+    [0, 1], by `decoder` (`PersonaLiveModels.decoder`).
+
+    diffusers' convention for every autoencoder: `decode(latents / decoder.config.scaling_factor)`. The SD VAE undoes
+    its 0.18215 there; TAESD (AutoencoderTiny, scaling_factor 1.0) was trained to decode the scaled SD latents
+    themselves, as diffusers' pipelines give it. Both return [-1, 1] (TAESD's own [0, 1] mapped by diffusers).
+    """
+    frames = decoder.decode(rearrange(latents, "1 c f h w -> f c h w") / decoder.config.scaling_factor).sample
+    return (frames / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
 class StreamStep(nn.Module):
     """One streaming step on explicit tensors: new chunk's conditions in, one decoded chunk and the next state out.
 
@@ -60,7 +72,7 @@ class StreamStep(nn.Module):
                  timesteps: torch.Tensor):
         super().__init__()
         self.pose_guider, self.motion_encoder = models.pose_guider, models.motion_encoder
-        self.denoising_unet, self.vae = models.denoising_unet, models.vae
+        self.denoising_unet, self.decoder = models.denoising_unet, models.decoder
         self.scheduler, self.bank, self.window = scheduler, bank, window
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.stage: Stage = no_stage
@@ -92,10 +104,8 @@ class StreamStep(nn.Module):
         with self.stage("unet"):
             eps = self.denoising_unet(latents, self.timesteps, clip_embeds, motion, pose)
             stepped, x0 = self.scheduler.step(eps, self.timesteps, latents)  # float32
-        with self.stage("vae_decode"):
-            frames = self.vae.decode(rearrange(x0[:, :, :w].to(latents.dtype), "1 c f h w -> f c h w")
-                                     / self.vae.config.scaling_factor)
-            frames = (frames.sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # the oldest chunk is clean: x0
+        with self.stage("vae_decode"):  # the oldest chunk is clean: x0
+            frames = decode_latents(self.decoder, x0[:, :, :w].to(latents.dtype))
         return (frames, stepped[:, :, w:].to(latents.dtype), motion[:, w:], pose[:, :, w:], motion[:, 0],
                 x0[:, :, 0])
 
